@@ -1,0 +1,73 @@
+"""Architecture of a CLIP ViT model, as plain dataclasses that travel inside checkpoints."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class VisionConfig:
+    """Vision transformer shape; image_size is (height, width) in pixels."""
+
+    image_size: tuple[int, int] = (224, 224)
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (rows, columns) for image_size."""
+        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Class token plus one token per patch."""
+        rows, cols = self.grid
+        return 1 + rows * cols
+
+
+@dataclass
+class TextConfig:
+    """Causal text transformer shape."""
+
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+
+
+@dataclass
+class CLIPConfig:
+    """A CLIP ViT: both towers and the width D of the joint embedding space."""
+
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able form (tuples become lists)."""
+        data = asdict(self)
+        data["vision"]["image_size"] = list(self.vision.image_size)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CLIPConfig":
+        """Inverse of to_dict."""
+        vision = dict(data["vision"])
+        vision["image_size"] = tuple(int(v) for v in vision["image_size"])
+        return cls(embed_dim=int(data["embed_dim"]), vision=VisionConfig(**vision), text=TextConfig(**data["text"]))
+
+    @classmethod
+    def vit_b16(cls, image_size: tuple[int, int] = (224, 224)) -> "CLIPConfig":
+        """OpenAI's ViT-B/16 (the paper's backbone)."""
+        return cls(embed_dim=512, vision=VisionConfig(tuple(image_size), 16, 768, 12, 12), text=TextConfig())
+
+    @classmethod
+    def tiny(cls, image_size: tuple[int, int] = (32, 32), width: int = 64, layers: int = 2) -> "CLIPConfig":
+        """A small CLIP-shaped model for tests and the CPU demo (full BPE vocabulary, context 77, 64-wide heads as OpenAI)."""
+        return cls(
+            embed_dim=width,
+            vision=VisionConfig(tuple(image_size), 8, width, layers, max(1, width // 64)),
+            text=TextConfig(77, 49408, width, layers, max(1, width // 64)),
+        )
