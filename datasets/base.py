@@ -1,0 +1,138 @@
+"""The common record form and the shared reader behind the three benchmark parsers."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class DataError(Exception):
+    """A problem with the user's data; the message says what, where and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One annotated image: split, person id, image path relative to `imgs/`, captions."""
+
+    split: str
+    pid: int
+    image: str
+    captions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """How one benchmark lays out its annotation file, images and splits on disk."""
+
+    name: str
+    annotation_names: tuple[str, ...]  # accepted file names, first is canonical
+    image_key: str
+    splits: tuple[str, ...]
+    captions_per_image: int
+    writes_tokens: bool = True  # whether the raw records carry the legacy `processed_tokens`
+    required_keys: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "required_keys", ("split", "captions", self.image_key, "id"))
+
+    def find_annotation(self, dataset_dir: Path) -> Path:
+        """Return the annotation file under `dataset_dir`, accepting each known spelling."""
+        for name in self.annotation_names:
+            if (dataset_dir / name).is_file():
+                return dataset_dir / name
+        names = " or ".join(self.annotation_names)
+        raise DataError(
+            f"{self.name}: no annotation file {names} in {dataset_dir}. The expected layout is "
+            f"{dataset_dir}/{self.annotation_names[0]} next to {dataset_dir}/imgs/ (see DATASETS.md)."
+        )
+
+
+@dataclass
+class Parsed:
+    """A benchmark read from disk: records plus what parsing had to repair."""
+
+    benchmark: Benchmark
+    annotation: Path
+    image_root: Path
+    records: list[Record]
+    string_ids: int = 0  # ids stored as strings of digits (accepted)
+
+
+def read_json_list(path: Path) -> list:
+    """Load a JSON list; a syntax error names the file, line and column."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (byte {err.start}): re-save it as UTF-8 JSON.") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}. "
+            "Fix that spot (or restore the original file from the dataset's distribution)."
+        ) from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records at the top level, found {type(data).__name__}.")
+    return data
+
+
+def _parse_id(value) -> tuple[int, bool] | None:
+    """Accept an int or a string of digits (some copies store ids as strings); None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value, False
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip()), True
+    return None
+
+
+def _record_problem(raw, index: int, bench: Benchmark) -> str | None:
+    """Describe the first structural problem of raw record `index`, or None if it is usable."""
+    if not isinstance(raw, dict):
+        return f"record {index} is a {type(raw).__name__}, not an object"
+    for key in bench.required_keys:
+        if key not in raw:
+            return f"record {index} lacks key '{key}'"
+    if raw["split"] not in bench.splits:
+        return f"record {index} has split {raw['split']!r}, expected one of {list(bench.splits)}"
+    image = raw[bench.image_key]
+    if not isinstance(image, str) or not image.strip():
+        return f"record {index} key '{bench.image_key}' is not a non-empty path string"
+    if ".." in image.replace("\\", "/").split("/"):
+        return f"record {index} key '{bench.image_key}' ({image!r}) leaves imgs/ through '..'"
+    captions = raw["captions"]
+    if isinstance(captions, str):
+        captions = [captions]
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        return f"record {index} key 'captions' is not a list of strings"
+    if _parse_id(raw["id"]) is None:
+        return f"record {index} key 'id' is {raw['id']!r}, not an integer"
+    return None
+
+
+def parse_benchmark(bench: Benchmark, dataset_dir: Path) -> Parsed:
+    """Read `dataset_dir` in `bench`'s raw layout into common `Record`s (every problem reported at once)."""
+    dataset_dir = Path(dataset_dir)
+    annotation = bench.find_annotation(dataset_dir)
+    image_root = dataset_dir / "imgs"
+    if not image_root.is_dir():
+        raise DataError(f"{bench.name}: image folder {image_root} is missing (expected next to {annotation.name}).")
+    raw_records = read_json_list(annotation)
+    problems = [p for i, raw in enumerate(raw_records) if (p := _record_problem(raw, i, bench))]
+    if problems:
+        shown = "; ".join(problems[:10])
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise DataError(
+            f"{annotation}: {len(problems)} malformed record(s) (indices are 0-based positions in the list): "
+            f"{shown}{more}. Each record needs keys {list(bench.required_keys)}."
+        )
+    records, string_ids = [], 0
+    for raw in raw_records:
+        pid, was_string = _parse_id(raw["id"])
+        string_ids += was_string
+        captions = raw["captions"]
+        captions = [captions] if isinstance(captions, str) else captions
+        image = raw[bench.image_key].strip().replace("\\", "/").lstrip("/")
+        records.append(Record(raw["split"], pid, image, tuple(captions)))
+    return Parsed(bench, annotation, image_root, records, string_ids)

@@ -1,0 +1,123 @@
+"""Loaders over processed_data/<NAME>: training (image, caption, pid) pairs; evaluation gallery and queries.
+
+Captions are tokenised once, when a dataset is built. Training randomness is reproducible by design:
+the shuffle order is a function of (seed, epoch) (`EpochSampler`) and the horizontal flip of sample i is
+a function of (seed, epoch, i); the sampler passes the epoch along with each index, so worker count and
+worker restarts never change a batch. Call `loader.sampler.set_epoch(epoch)` before each epoch
+(`set_epoch(epoch, start_batch=k)` resumes an epoch after k finished batches).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from clip.tokenizer import tokenize
+from datasets.processed import SplitRecords, available_splits, load_split
+from datasets.sampler import EpochSampler
+from datasets.transforms import ImageTransform, load_rgb
+
+__all__ = ["EvalData", "available_splits", "build_eval_data", "build_train_loader"]
+
+
+def default_workers() -> int:
+    """Loader processes: one core left for the training process, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, max(0, cpus - 1))
+
+
+def flip_coin(seed: int, epoch: int, index: int) -> bool:
+    """Horizontal flip of training sample `index` in `epoch`: a pure function (hash) of its arguments."""
+    return hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=1).digest()[0] & 1 == 1
+
+
+class TrainPairs(Dataset):
+    """One item per (image, caption) pair; pids re-numbered 0..C-1 in sorted order of the original ids."""
+
+    def __init__(self, split: SplitRecords, transform: ImageTransform, seed: int = 42):
+        records = split.records
+        self.image_paths = [str(split.image_root / r["image"]) for r in records]
+        original = sorted({r["pid"] for r in records})
+        self.pid_map = {pid: label for label, pid in enumerate(original)}
+        self.num_classes = len(original)
+        image_of_pair = [i for i, r in enumerate(records) for _ in r["captions"]]
+        self.pair_image = torch.tensor(image_of_pair, dtype=torch.long)
+        self.pids = torch.tensor([self.pid_map[records[i]["pid"]] for i in image_of_pair], dtype=torch.long)
+        self.tokens = tokenize([c for r in records for c in r["captions"]], truncate=True)
+        self.transform, self.seed, self.epoch = transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used for plain integer indices (the sampler passes (epoch, index) pairs instead)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.pids)
+
+    def __getitem__(self, index):
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        image = load_rgb(self.image_paths[self.pair_image[index]])
+        flip = flip_coin(self.seed, epoch, index)
+        return {"images": self.transform(image, flip), "tokens": self.tokens[index], "pids": self.pids[index]}
+
+
+class GalleryImages(Dataset):
+    """Each image of a split once, in file order, with its original pid and its position."""
+
+    def __init__(self, paths: list[str], pids: torch.Tensor, transform: ImageTransform):
+        self.paths, self.pids, self.transform = paths, pids, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return {"images": self.transform(load_rgb(self.paths[index])), "pids": self.pids[index], "index": index}
+
+
+@dataclass
+class EvalData:
+    """Evaluation inputs of one split: gallery images (loader) and every caption as a query (tokens)."""
+
+    split: str
+    gallery_loader: DataLoader
+    gallery_pids: torch.Tensor  # (G,) long, original ids
+    gallery_paths: list[str]  # absolute, for visualisation
+    query_tokens: torch.Tensor  # (Q, 77) long
+    query_pids: torch.Tensor  # (Q,) long
+    query_captions: list[str]
+
+
+def _loader_kwargs(workers: int | None, pin_memory: bool | None, persistent: bool) -> dict:
+    """Worker count and pinning defaults; training keeps its workers alive between epochs."""
+    workers = default_workers() if workers is None else workers
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    return {"num_workers": workers, "pin_memory": pin, "persistent_workers": persistent and workers > 0}
+
+
+def build_train_loader(processed_dir: Path, *, image_size: tuple[int, int] = (224, 224), batch_size: int = 32,
+                       workers: int | None = None, mean_std: str = "clip", seed: int = 42, num_replicas: int = 1,
+                       rank: int = 0, pin_memory: bool | None = None) -> DataLoader:
+    """Shuffled, flipped training batches {"images", "tokens", "pids"}; `loader.dataset.num_classes` = C."""
+    dataset = TrainPairs(load_split(processed_dir, "train"), ImageTransform(image_size, mean_std), seed)
+    sampler = EpochSampler(len(dataset), batch_size, seed=seed, num_replicas=num_replicas, rank=rank)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                      **_loader_kwargs(workers, pin_memory, persistent=True))
+
+
+def build_eval_data(processed_dir: Path, split: str, *, image_size: tuple[int, int] = (224, 224),
+                    batch_size: int = 64, workers: int | None = None, mean_std: str = "clip",
+                    pin_memory: bool | None = None) -> EvalData:
+    """Gallery (each image once, no shuffle, no drop) and queries (every caption, tokenised once) of `split`."""
+    data = load_split(processed_dir, split)
+    records = data.records
+    paths = [str(data.image_root / r["image"]) for r in records]
+    gallery_pids = torch.tensor([r["pid"] for r in records], dtype=torch.long)
+    captions = [c for r in records for c in r["captions"]]
+    query_pids = torch.tensor([r["pid"] for r in records for _ in r["captions"]], dtype=torch.long)
+    gallery = GalleryImages(paths, gallery_pids, ImageTransform(image_size, mean_std))
+    loader = DataLoader(gallery, batch_size=batch_size, shuffle=False, drop_last=False,
+                        **_loader_kwargs(workers, pin_memory, persistent=False))
+    return EvalData(split, loader, gallery_pids, paths, tokenize(captions, truncate=True), query_pids, captions)

@@ -1,0 +1,107 @@
+"""Each benchmark parser on generated data of its format, and the malformed-annotation errors."""
+import json
+import shutil
+
+import pytest
+
+from datasets import BENCHMARKS, PARSERS
+from datasets.base import DataError
+from tests.messy_data import make_dataset, read_annotation, write_annotation
+
+NAMES = list(BENCHMARKS)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw")
+    return {name: make_dataset(root, name, ids=20, images_per_id=3) for name in NAMES}
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parser_reads_every_record_in_common_form(generated, name):
+    parsed = PARSERS[name](generated[name])
+    _, raw = read_annotation(generated[name])
+    bench = BENCHMARKS[name]
+    assert len(parsed.records) == len(raw) == 60
+    assert parsed.image_root == generated[name] / "imgs"
+    for record, source in zip(parsed.records, raw):
+        assert record.split == source["split"] and record.pid == source["id"]
+        assert record.image == source[bench.image_key]
+        assert list(record.captions) == source["captions"]
+        assert (parsed.image_root / record.image).is_file()
+    assert {r.split for r in parsed.records} == set(bench.splits)
+
+
+def test_icfg_accepts_both_annotation_spellings(generated, tmp_path):
+    copy = _copy(generated["ICFG-PEDES"], tmp_path / "ICFG-PEDES")
+    (copy / "ICFG_PEDES.json").rename(copy / "ICFG-PEDES.json")
+    parsed = PARSERS["ICFG-PEDES"](copy)
+    assert parsed.annotation.name == "ICFG-PEDES.json" and len(parsed.records) == 60
+
+
+def test_string_ids_are_read_as_integers(generated, tmp_path):
+    copy = _copy(generated["RSTPReid"], tmp_path / "RSTPReid")
+    path, records = read_annotation(copy)
+    expected = [r["id"] for r in records]
+    for r in records:
+        r["id"] = f"{r['id']:05d}"
+    write_annotation(path, records)
+    parsed = PARSERS["RSTPReid"](copy)
+    assert [r.pid for r in parsed.records] == expected and parsed.string_ids == len(records)
+
+
+def test_json_syntax_error_names_file_line_and_column(generated, tmp_path):
+    copy = _copy(generated["CUHK-PEDES"], tmp_path / "CUHK-PEDES")
+    path = copy / "reid_raw.json"
+    lines = path.read_text().splitlines()
+    lines[4] = lines[4].replace('"split": ', '"split" ', 1)  # drop a colon on line 5
+    column = lines[4].index('"split" ') + len('"split" ') + 1
+    path.write_text("\n".join(lines))
+    with pytest.raises(DataError) as err:
+        PARSERS["CUHK-PEDES"](copy)
+    assert str(path) in str(err.value) and f"line 5, column {column}" in str(err.value)
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda r: r[3].pop("captions"), "record 3 lacks key 'captions'"),
+    (lambda r: r[7].pop("id"), "record 7 lacks key 'id'"),
+    (lambda r: r[2].update(split="query"), "record 2 has split 'query'"),
+    (lambda r: r[5].update(id="p17"), "record 5 key 'id' is 'p17'"),
+    (lambda r: r[1].update(captions=[1, 2]), "record 1 key 'captions' is not a list of strings"),
+    (lambda r: r[0].update(img_path="../../etc/passwd"), "record 0 key 'img_path'"),
+    (lambda r: r.__setitem__(4, ["not", "an", "object"]), "record 4 is a list"),
+])
+def test_malformed_records_are_named_by_index_and_key(generated, tmp_path, mutate, expected):
+    copy = _copy(generated["RSTPReid"], tmp_path / "RSTPReid")
+    path, records = read_annotation(copy)
+    mutate(records)
+    write_annotation(path, records)
+    with pytest.raises(DataError, match="malformed record") as err:
+        PARSERS["RSTPReid"](copy)
+    assert expected in str(err.value) and str(path) in str(err.value)
+
+
+def test_all_malformed_records_are_reported_at_once(generated, tmp_path):
+    copy = _copy(generated["CUHK-PEDES"], tmp_path / "CUHK-PEDES")
+    path, records = read_annotation(copy)
+    for i in range(12):
+        records[i].pop("file_path")
+    write_annotation(path, records)
+    with pytest.raises(DataError) as err:
+        PARSERS["CUHK-PEDES"](copy)
+    assert "12 malformed record(s)" in str(err.value) and "(and 2 more)" in str(err.value)
+
+
+def test_missing_annotation_and_non_list_are_clear(generated, tmp_path):
+    copy = _copy(generated["ICFG-PEDES"], tmp_path / "ICFG-PEDES")
+    (copy / "ICFG_PEDES.json").write_text(json.dumps({"records": []}))
+    with pytest.raises(DataError, match="expected a JSON list"):
+        PARSERS["ICFG-PEDES"](copy)
+    (copy / "ICFG_PEDES.json").unlink()
+    with pytest.raises(DataError, match="ICFG_PEDES.json or ICFG-PEDES.json"):
+        PARSERS["ICFG-PEDES"](copy)

@@ -1,0 +1,234 @@
+"""data.sh end to end on each format; every bad input stops with its message and leaves earlier output intact."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from datasets import BENCHMARKS, prepare
+from tests.messy_data import make_dataset, make_messy_copy, read_annotation, write_annotation
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = list(BENCHMARKS)
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """Pristine generated datasets (24 ids x 3 images: enough images for the parallel checker)."""
+    root = tmp_path_factory.mktemp("clean")
+    return {name: make_dataset(root, name, ids=24, images_per_id=3, seed=1) for name in NAMES}
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under `folder` with its bytes and mtime."""
+    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def run_main(args, capsys):
+    """prepare.main in-process: (exit code, stdout, the error paragraph)."""
+    code = prepare.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("data.sh: error:")]
+    return code, out, errors
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_data_sh_end_to_end(clean, tmp_path, name):
+    root = clean[name].parent
+    env = {**os.environ, "PYTHON": sys.executable}
+    cmd = ["bash", str(REPO / "data.sh"), str(root), name, "--workers", "2"]
+    first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    out_dir = tmp_path / "processed_data" / name
+    bench = BENCHMARKS[name]
+    expected = {f"{s}_reid.json" for s in bench.splits} | {"meta.json"}
+    assert {p.name for p in out_dir.iterdir()} == expected
+
+    annotation, raw = read_annotation(clean[name])
+    meta = json.loads((out_dir / "meta.json").read_text())
+    assert meta["annotation"]["sha256"] == hashlib.sha256(annotation.read_bytes()).hexdigest()
+    assert Path(meta["image_root"]).is_absolute() and Path(meta["image_root"]) == (clean[name] / "imgs").resolve()
+    for split in bench.splits:
+        rows = [r for r in raw if r["split"] == split]
+        assert meta["splits"][split] == {"ids": len({r["id"] for r in rows}), "images": len(rows),
+                                         "captions": sum(len(r["captions"]) for r in rows)}
+        records = json.loads((out_dir / f"{split}_reid.json").read_text())
+        assert [(r["pid"], r["image"], r["captions"]) for r in records] == \
+               [(r["id"], r[bench.image_key], r["captions"]) for r in rows]
+        assert all((Path(meta["image_root"]) / r["image"]).is_file() for r in records)
+
+    before = snapshot(out_dir)
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0 and "up to date" in second.stdout
+    assert snapshot(out_dir) == before
+
+
+def test_usage_without_arguments_exits_non_zero():
+    result = subprocess.run(["bash", str(REPO / "data.sh")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "usage: bash data.sh <dataset_root>" in result.stderr
+
+
+@pytest.fixture
+def workspace(clean, tmp_path, capsys):
+    """A private copy of the clean CUHK-PEDES and a first, successful output from it."""
+    root = tmp_path / "raw"
+    shutil.copytree(clean["CUHK-PEDES"], root / "CUHK-PEDES")
+    out = tmp_path / "processed_data"
+    code, _, errors = run_main([root, "CUHK-PEDES", "--out", out, "--workers", "1"], capsys)
+    assert code == 0, errors
+    return root / "CUHK-PEDES", out
+
+
+def _edit_records(dataset_dir, edit):
+    path, records = read_annotation(dataset_dir)
+    edit(records)
+    write_annotation(path, records)
+
+
+def _break_json(d):
+    path = d / "reid_raw.json"
+    lines = path.read_text().splitlines()
+    lines[2] = lines[2][:-1]  # drop the comma closing record 1 (line 3)
+    path.write_text("\n".join(lines))
+
+
+def _garbage_image(d):
+    _, records = read_annotation(d)
+    (d / "imgs" / records[2]["file_path"]).write_bytes(b"this is not an image")
+
+
+def _truncate_jpeg(d):
+    _, records = read_annotation(d)
+    jpg = next(r["file_path"] for r in records if r["file_path"].endswith(".jpg"))
+    data = (d / "imgs" / jpg).read_bytes()
+    (d / "imgs" / jpg).write_bytes(data[: len(data) // 3])
+
+
+def _conflicting_duplicate(records):
+    records.append(dict(records[0], id=records[0]["id"] + 1000))
+
+
+BAD_INPUTS = {
+    "json syntax": (_break_json, "line 4, column 1"),
+    "missing key": (lambda d: _edit_records(d, lambda r: r[3].pop("file_path")), "record 3 lacks key 'file_path'"),
+    "missing image": (lambda d: (d / "imgs" / read_annotation(d)[1][5]["file_path"]).unlink(), ": missing"),
+    "truncated jpeg": (_truncate_jpeg, "image file is truncated"),
+    "not an image": (_garbage_image, "does not decode (UnidentifiedImageError"),
+    "conflicting duplicate": (lambda d: _edit_records(d, _conflicting_duplicate), "both use image"),
+    "no test split": (lambda d: _edit_records(d, lambda rs: [r.update(split="train") for r in rs]),
+                      "no usable 'test' records"),
+    "no image folder": (lambda d: shutil.rmtree(d / "imgs"), "image folder"),
+    "no annotation": (lambda d: (d / "reid_raw.json").unlink(), "no reid_raw.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_its_message_and_keeps_earlier_output(workspace, capsys, case):
+    dataset_dir, out = workspace
+    before = snapshot(out)
+    damage, message = BAD_INPUTS[case]
+    damage(dataset_dir)
+    code, stdout, errors = run_main([dataset_dir.parent, "CUHK-PEDES", "--out", out, "--workers", "1"], capsys)
+    assert code == 1 and len(errors) == 1, (stdout, errors)
+    assert message in errors[0] and "Nothing was written" in errors[0]
+    assert snapshot(out) == before
+    assert sorted(p.name for p in out.iterdir()) == ["CUHK-PEDES"]  # no temp folders left behind
+
+
+def test_missing_root_is_an_error(tmp_path, capsys):
+    code, _, errors = run_main([tmp_path / "nowhere", "all"], capsys)
+    assert code == 1 and "is not a folder" in errors[0]
+    code, _, errors = run_main([tmp_path, "all"], capsys)
+    assert code == 1 and "no benchmark found" in errors[0]
+
+
+def test_changed_input_is_rebuilt(workspace, capsys):
+    dataset_dir, out = workspace
+    _edit_records(dataset_dir, lambda r: r[0]["captions"].__setitem__(0, "A changed caption."))
+    code, stdout, _ = run_main([dataset_dir.parent, "CUHK-PEDES", "--out", out, "--workers", "1"], capsys)
+    assert code == 0 and "up to date" not in stdout
+    assert json.loads((out / "CUHK-PEDES" / "train_reid.json").read_text())[0]["captions"][0] == "A changed caption."
+    # an image rewritten in place (same annotation) also counts as changed input
+    image = dataset_dir / "imgs" / read_annotation(dataset_dir)[1][1]["file_path"]
+    Image.new("RGB", (30, 60), "red").save(image, format=Image.open(image).format)
+    code, stdout, _ = run_main([dataset_dir.parent, "CUHK-PEDES", "--out", out, "--workers", "1"], capsys)
+    assert code == 0 and "up to date" not in stdout and "wrote" in stdout
+
+
+def test_failed_write_keeps_previous_output(workspace, capsys, monkeypatch):
+    dataset_dir, out = workspace
+    before = snapshot(out)
+    _edit_records(dataset_dir, lambda r: r[0]["captions"].__setitem__(0, "A changed caption."))
+
+    def fail(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prepare.os, "fsync", fail)
+    code, _, errors = run_main([dataset_dir.parent, "CUHK-PEDES", "--out", out, "--workers", "1"], capsys)
+    assert code == 1 and "No space left on device" in errors[0] and "previous contents are kept" in errors[0]
+    assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["CUHK-PEDES"]
+
+
+def test_failed_swap_restores_previous_output(tmp_path, monkeypatch):
+    out_dir = tmp_path / "out" / "X"
+    prepare.write_atomically(out_dir, {"a.json": b"old"})
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the temp folder moving into place
+            raise OSError(5, "Input/output error")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(prepare.os, "rename", rename)
+    with pytest.raises(OSError):
+        prepare.write_atomically(out_dir, {"a.json": b"new"})
+    assert (out_dir / "a.json").read_bytes() == b"old"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["X"]
+
+
+def test_messy_copy_is_cleaned_and_reported(clean, tmp_path, capsys):
+    for name in NAMES:
+        mess = make_messy_copy(clean[name], tmp_path / "raw" / name, bad_images=False)
+        out = tmp_path / "processed_data"
+        code, stdout, errors = run_main([tmp_path / "raw", name, "--out", out, "--workers", "1"], capsys)
+        assert code == 0, errors
+        for text in ["id(s) were strings", "empty or whitespace-only caption", "record(s) left with no caption",
+                     "exact duplicate record", "non-RGB images", "smaller than 16 px"]:
+            assert text in stdout, (name, text, stdout)
+        _, raw = read_annotation(mess.dataset_dir)
+        train = {r["image"]: r for r in json.loads((out / name / "train_reid.json").read_text())}
+        key = mess.image_key
+        html_caption = train[raw[mess.html_record][key]]["captions"][0]
+        assert html_caption == "The woman's coat is \"red\" & long\u2014really \u201clong\u201d."
+        assert len(train[raw[mess.long_record][key]]["captions"][0].split()) > 100  # kept; the tokenizer truncates
+        assert train[raw[mess.empty_caption_record][key]]["captions"] == raw[mess.empty_caption_record]["captions"][:-1]
+        assert raw[mess.blank_record][key] not in train
+        assert all(train[raw[i][key]]["pid"] == int(raw[i]["id"]) for i in mess.string_id_records)
+        assert all(m in ("L", "P", "RGBA", "CMYK") and raw_path in train for m, raw_path in mess.modes.items())
+        meta = json.loads((out / name / "meta.json").read_text())
+        assert meta["dropped"] == {"empty_captions": 3, "captionless_records": 1, "duplicate_records": 1,
+                                   "bad_images": []}
+
+
+def test_bad_images_stop_the_run_unless_skipped(clean, tmp_path, capsys):
+    mess = make_messy_copy(clean["RSTPReid"], tmp_path / "raw" / "RSTPReid")
+    out = tmp_path / "processed_data"
+    code, _, errors = run_main([tmp_path / "raw", "all", "--out", out, "--workers", "1"], capsys)
+    assert code == 1 and "2 of" in errors[0]
+    assert f"imgs/{mess.missing_image}: missing" in errors[0]
+    assert f"imgs/{mess.truncated_image}: does not decode" in errors[0]
+    assert "--skip-bad-images" in errors[0] and not out.exists()
+
+    code, stdout, _ = run_main([tmp_path / "raw", "all", "--out", out, "--workers", "1", "--skip-bad-images"], capsys)
+    assert code == 0 and "--skip-bad-images dropped 2 record(s)" in stdout
+    assert "not found under" in stdout and "CUHK-PEDES" in stdout  # `all` says which benchmarks are absent
+    meta = json.loads((out / "RSTPReid" / "meta.json").read_text())
+    assert meta["dropped"]["bad_images"] == sorted([mess.missing_image, mess.truncated_image])
+    test_images = {r["image"] for r in json.loads((out / "RSTPReid" / "test_reid.json").read_text())}
+    assert mess.missing_image not in test_images and mess.truncated_image not in test_images
