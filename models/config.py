@@ -1,0 +1,48 @@
+"""One config object for CFine: the CLIP backbone shape plus every ratio, temperature and loss weight (spec §2-5)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from clip.model import CLIPConfig
+
+
+@dataclass
+class CFineConfig:
+    """CFine hyper-parameters; the defaults are the spec's (the authors' CUHK-PEDES run)."""
+
+    clip: CLIPConfig = field(default_factory=CLIPConfig.vit_b16)
+    num_classes: int = 11003  # training identities (CUHK-PEDES); set from the dataset
+    image_ratio: float = 0.1  # k_img = int(N_img * image_ratio)
+    text_ratio: float = 0.2  # k_txt = int(L * text_ratio)
+    tau_cs: float = 0.07  # CFR temperature
+    tau_cd: float = 0.01  # FCD temperature
+    k_word: int = 3  # words averaged into each patch's positive word
+    k_patch: int = 3  # patches averaged into each word's positive patch
+    cmpm_weights: tuple[float, float, float] = (1.0, 1.0, 0.1)  # global, lg1, lg2
+    cmpc_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    diversity_weight: float = 0.2
+    ranking_weight: float = 10.0
+    margin: float = 0.2
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able form, nested CLIP config included (tuples become lists)."""
+        data = asdict(self)
+        data["clip"] = self.clip.to_dict()
+        data["cmpm_weights"] = list(self.cmpm_weights)
+        data["cmpc_weights"] = list(self.cmpc_weights)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CFineConfig":
+        """Inverse of to_dict; keys missing from an older checkpoint take today's defaults."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"CFine config has unknown keys {unknown}; expected a subset of {sorted(known)}")
+        values = dict(data)
+        if "clip" in values:
+            values["clip"] = CLIPConfig.from_dict(values["clip"])
+        for key in ("cmpm_weights", "cmpc_weights"):
+            if key in values:
+                values[key] = tuple(float(v) for v in values[key])
+        return cls(**values)

@@ -1,0 +1,108 @@
+"""CFine's head on encoder tokens: MGF + BN always; CFR, FCD and the weighted losses in training (spec §2-5)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from clip.model import TokenFeatures
+
+from .bottleneck import apply_bottleneck, make_bottleneck
+from .classifier import CMPCClassifier
+from .config import CFineConfig
+from .mgf import ResidualCrossAttentionBlock, local_global_features, mgf_heads
+from .objectives import cmpc_loss, cmpm_loss, diversity_loss, ranking_loss
+from .selection import Selection, image_candidates, select_tokens, text_candidates, text_padding_mask
+from .similarity import cross_grained_similarity, fine_grained_similarity
+
+
+@dataclass
+class CFineOutput:
+    """Per-modality features [BN(global), BN(lg1), BN(lg2)] (B, 3, D); in training the loss and its weighted parts."""
+
+    image_features: torch.Tensor
+    text_features: torch.Tensor
+    loss: torch.Tensor | None = None
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # detached: cmpm, cmpc, diversity, ranking
+
+
+class Branch(NamedTuple):
+    """One modality after MGF: BN features (B, 3, D), the raw global token (B, D) and the raw selected tokens."""
+
+    features: torch.Tensor
+    global_token: torch.Tensor
+    selection: Selection
+
+
+class CFineHead(nn.Module):
+    """The shared MGF block, one BN bottleneck per modality and the CMPC classifier, on top of any encoder."""
+
+    def __init__(self, config: CFineConfig):
+        super().__init__()
+        self.config = config
+        width = config.clip.embed_dim
+        self.mgf = ResidualCrossAttentionBlock(width, mgf_heads(width))
+        self.image_bn = make_bottleneck(width)
+        self.text_bn = make_bottleneck(width)
+        self.classifier = CMPCClassifier(width, config.num_classes)
+
+    def _branch(self, feats: TokenFeatures, bn: nn.BatchNorm1d, is_text: bool) -> Branch:
+        tokens = feats.tokens
+        batch, length, _ = tokens.shape
+        if is_text:
+            candidates = text_candidates(feats.global_index, length)
+            padding = text_padding_mask(feats.global_index, length)
+            k = int(length * self.config.text_ratio)
+        else:
+            candidates = image_candidates(batch, length, tokens.device)
+            padding = None
+            k = int(length * self.config.image_ratio)
+        global_token = tokens[torch.arange(batch, device=tokens.device), feats.global_index]
+        selection = select_tokens(tokens, feats.global_attention, k, candidates)
+        groups = (selection.group1, selection.group2)
+        local_global = local_global_features(self.mgf, global_token, groups, tokens, padding)
+        features = apply_bottleneck(bn, torch.cat([global_token.unsqueeze(1), local_global], dim=1))
+        return Branch(features, global_token, selection)
+
+    def image_features(self, image: TokenFeatures) -> torch.Tensor:
+        """Spec §2 image features [BN(global), BN(lg1), BN(lg2)], (B, 3, D)."""
+        return self._branch(image, self.image_bn, is_text=False).features
+
+    def text_features(self, text: TokenFeatures) -> torch.Tensor:
+        """Spec §2 text features [BN(EOT), BN(lg1), BN(lg2)], (B, 3, D)."""
+        return self._branch(text, self.text_bn, is_text=True).features
+
+    def similarity(self, image: Branch, text: Branch) -> torch.Tensor:
+        """Spec §3-4 training similarity S = sim_cs + sim_cd on raw tokens, (B, B) images x texts."""
+        config = self.config
+        cross = cross_grained_similarity(
+            image.global_token, image.selection.selected, text.global_token, text.selection.selected, config.tau_cs
+        )
+        fine = fine_grained_similarity(
+            image.selection.group1, text.selection.group1, config.k_word, config.k_patch, config.tau_cd
+        )
+        return cross + fine
+
+    def losses(self, image: Branch, text: Branch, pids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Spec §5 weighted parts (default weights: CMPM 1, 1, 0.1; CMPC 1, 1, 1; diversity 0.2; ranking 10)."""
+        config, img, txt = self.config, image.features, text.features
+        weight = self.classifier.weight
+        return {
+            "cmpm": sum(w * cmpm_loss(img[:, n], txt[:, n], pids) for n, w in enumerate(config.cmpm_weights)),
+            "cmpc": (torch.tensor(config.cmpc_weights, device=img.device) * cmpc_loss(img, txt, pids, weight)).sum(),
+            "diversity": config.diversity_weight * (diversity_loss(img[:, 1:]) + diversity_loss(txt[:, 1:])),
+            "ranking": config.ranking_weight * ranking_loss(self.similarity(image, text), pids, config.margin),
+        }
+
+    def forward(self, image: TokenFeatures, text: TokenFeatures, pids: torch.Tensor | None = None) -> CFineOutput:
+        """Features of both modalities; with pids in training mode also the total loss and its parts."""
+        image_branch = self._branch(image, self.image_bn, is_text=False)
+        text_branch = self._branch(text, self.text_bn, is_text=True)
+        output = CFineOutput(image_branch.features, text_branch.features)
+        if self.training and pids is not None:
+            parts = self.losses(image_branch, text_branch, pids)
+            output.loss = sum(parts.values())
+            output.losses = {name: value.detach() for name, value in parts.items()}
+        return output

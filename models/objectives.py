@@ -1,0 +1,86 @@
+"""CFine's training objectives (spec §5), one pure function per loss; all computed in fp32."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .precision import in_fp32
+
+CMPM_EPSILON = 1e-8
+
+
+def _identity_mask(pids: torch.Tensor) -> torch.Tensor:
+    """Y[i, j] = 1 where pid_i == pid_j, as floats (B, B)."""
+    return (pids.unsqueeze(1) == pids.unsqueeze(0)).float()
+
+
+def _projection_matching(logits: torch.Tensor, log_target: torch.Tensor) -> torch.Tensor:
+    """mean_i KL(softmax(logits_i) || target_i) with the unnormalised target of CMPM."""
+    log_p = logits.log_softmax(dim=1)
+    return (log_p.exp() * (log_p - log_target)).sum(dim=1).mean()
+
+
+@in_fp32
+def cmpm_loss(img: torch.Tensor, txt: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
+    """Spec §5 CMPM: KL(p || q) both ways, p = softmax_j(x_i . normalise(y_j)), q = Y / sqrt(row sum of Y)."""
+    identity = _identity_mask(pids)
+    # Faithful quirk: the mask is divided by its L2 norm (sqrt of the count), so q is not a distribution.
+    log_target = torch.log(identity / identity.sum(dim=1, keepdim=True).sqrt() + CMPM_EPSILON)
+    image_to_text = img @ F.normalize(txt, dim=-1).T
+    text_to_image = txt @ F.normalize(img, dim=-1).T
+    return _projection_matching(image_to_text, log_target) + _projection_matching(text_to_image, log_target)
+
+
+@in_fp32
+def cmpc_loss(img: torch.Tensor, txt: torch.Tensor, pids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Spec §5 CMPC: cross-entropy of ((x . t) t) @ W (unit columns), t the other modality's unit vector, both ways.
+
+    img, txt (B, D) give the scalar loss; (B, n, D) give the n per-feature losses in one pass over W.
+    """
+    single = img.dim() == 2
+    if single:
+        img, txt = img.unsqueeze(1), txt.unsqueeze(1)
+    classifier = F.normalize(weight, dim=0)
+    txt_unit, img_unit = F.normalize(txt, dim=-1), F.normalize(img, dim=-1)
+    image_on_text = (img * txt_unit).sum(dim=-1, keepdim=True) * txt_unit
+    text_on_image = (txt * img_unit).sum(dim=-1, keepdim=True) * img_unit
+    logits = torch.stack([image_on_text, text_on_image], dim=2) @ classifier  # (B, n, 2, C)
+    target = logits.gather(-1, pids.view(-1, 1, 1, 1).expand(*logits.shape[:-1], 1)).squeeze(-1)
+    per_feature = (logits.logsumexp(dim=-1) - target).mean(dim=0).sum(dim=-1)  # batch mean, both directions
+    return per_feature[0] if single else per_feature
+
+
+@in_fp32
+def diversity_loss(parts: torch.Tensor) -> torch.Tensor:
+    """Spec §5 diversity: mean_b ||X_b X_b^T - diag||_F / n^2 for the n unit part features X_b (B, n, D)."""
+    unit = F.normalize(parts, dim=-1)
+    gram = unit @ unit.transpose(1, 2)
+    off_diagonal = gram - torch.diag_embed(gram.diagonal(dim1=1, dim2=2))
+    return torch.linalg.matrix_norm(off_diagonal).mean() / parts.shape[1] ** 2
+
+
+def _ranking_one_way(similarity: torch.Tensor, pids: torch.Tensor, margin: float) -> torch.Tensor:
+    """Rows are anchors: hardest negative per anchor, counted only when it beats the positive; authors' fallback."""
+    negatives = pids.unsqueeze(0) != pids.unsqueeze(1)  # negatives[i, j]: j is a negative of anchor i
+    positive = similarity.diagonal()
+    # argmax (first maximum, as NumPy's) then gather, so a tie sends the gradient to one index only.
+    hardest = similarity.masked_fill(~negatives, float("-inf")).argmax(dim=1, keepdim=True)
+    negative = similarity.gather(1, hardest).squeeze(1)
+    counts = (negative > positive) & negatives.any(dim=1)
+    loss = torch.where(counts, F.relu(margin - positive + negative), 0.0).sum()
+    # Authors' fallback: with no counting anchor, one triplet of the last anchor and its first negative index.
+    last = similarity.shape[0] - 1
+    first_negative = negatives[last].int().argmax()
+    fallback = F.relu(margin - positive[last] + similarity[last, first_negative])
+    use_fallback = ~counts.any() & negatives[last].any()
+    return loss + torch.where(use_fallback, fallback, 0.0)
+
+
+@in_fp32
+def ranking_loss(similarity: torch.Tensor, pids: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """Spec §5 ranking: sum of relu(margin - S_ii + max_neg S_ij) over anchors whose hardest negative beats S_ii.
+
+    Rows (image anchors) and columns (text anchors) both count; triplets are mined on the device, no NumPy.
+    A batch with no negatives at all (one identity) has no triplet: the loss is 0 (the authors' code fails there).
+    """
+    return _ranking_one_way(similarity, pids, margin) + _ranking_one_way(similarity.T, pids, margin)

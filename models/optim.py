@@ -1,0 +1,69 @@
+"""Optimiser and per-epoch schedule of the authors' run (spec §6)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+
+def parameter_groups(
+    model: nn.Module, *, lr_head: float = 1e-4, lr_image: float = 1e-5, lr_text: float = 1e-5, wd_image: float = 4e-5
+) -> list[dict]:
+    """Spec §6 groups: head (new modules, BN, W), image encoder (clip.visual), text encoder (rest of clip)."""
+    groups = {
+        "head": {"name": "head", "params": [], "lr": lr_head, "weight_decay": 0.0},
+        "image_encoder": {"name": "image_encoder", "params": [], "lr": lr_image, "weight_decay": wd_image},
+        "text_encoder": {"name": "text_encoder", "params": [], "lr": lr_text, "weight_decay": 0.0},
+    }
+    for name, param in model.named_parameters():
+        if not param.requires_grad or name == "clip.logit_scale":  # frozen BN biases; CLIP's unused temperature
+            continue
+        if name.startswith("clip.visual."):
+            groups["image_encoder"]["params"].append(param)
+        elif name.startswith("clip."):
+            groups["text_encoder"]["params"].append(param)
+        else:
+            groups["head"]["params"].append(param)
+    return [group for group in groups.values() if group["params"]]
+
+
+def epoch_lr_factor(
+    epoch: int,
+    warmup_epochs: int = 10,
+    warmup_start: float = 0.01,
+    milestones: tuple[int, ...] = (20, 25, 35),
+    gamma: float = 0.1,
+) -> float:
+    """Spec §6: linear warm-up from warmup_start over warmup_epochs, then x gamma at each milestone <= epoch."""
+    if epoch < warmup_epochs:
+        alpha = epoch / warmup_epochs
+        warm = warmup_start * (1 - alpha) + alpha
+    else:
+        warm = 1.0
+    return warm * gamma ** sum(1 for milestone in milestones if milestone <= epoch)
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    lr_head: float = 1e-4,
+    lr_image: float = 1e-5,
+    lr_text: float = 1e-5,
+    wd_image: float = 4e-5,
+    warmup_epochs: int = 10,
+    warmup_start: float = 0.01,
+    milestones: tuple[int, ...] = (20, 25, 35),
+    gamma: float = 0.1,
+) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
+    """Spec §6 Adam (0.9, 0.999, eps 1e-8) and a LambdaLR to be stepped once per epoch."""
+    groups = parameter_groups(model, lr_head=lr_head, lr_image=lr_image, lr_text=lr_text, wd_image=wd_image)
+    optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8)
+    factor = functools.partial(
+        epoch_lr_factor,
+        warmup_epochs=warmup_epochs,
+        warmup_start=warmup_start,
+        milestones=tuple(milestones),
+        gamma=gamma,
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,123 @@
+"""The CFine model on a tiny CLIP: training signal, inference path, retrieval features, weights and config."""
+import json
+
+import pytest
+import torch
+
+from clip.model import CLIP, CLIPConfig
+from models import CFine, CFineConfig, retrieval_features
+
+SOT, EOT = 49406, 49407
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Run each test on one intra-op thread, then restore the setting."""
+    # Tiny tensors gain nothing from threads; on a busy 2-core runner OpenMP spin-waits made them 50x slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _ids(batch: int, seed: int = 0) -> torch.Tensor:
+    """Synthetic CLIP token ids: SOT, random words, EOT, zero padding; caption lengths vary."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(batch, 77, dtype=torch.long)
+    ids[:, 0] = SOT
+    for b, eot in enumerate(torch.randint(3, 40, (batch,), generator=g).tolist()):
+        ids[b, 1:eot] = torch.randint(1, SOT, (eot - 1,), generator=g)
+        ids[b, eot] = EOT
+    return ids
+
+
+def _model(num_classes=4, seed=0) -> CFine:
+    torch.manual_seed(seed)
+    return CFine(CFineConfig(clip=CLIPConfig.tiny(), num_classes=num_classes))
+
+
+def test_tiny_cfine_loss_falls_on_a_fixed_batch():
+    model = _model().train()
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ids, pids = _ids(8), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    history = []
+    for _ in range(30):
+        out = model(images, ids, pids)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        history.append(float(out.loss.detach()))
+    assert all(torch.isfinite(torch.tensor(history)))
+    assert sum(history[-5:]) / 5 < 0.5 * sum(history[:5]) / 5
+    assert set(out.losses) == {"cmpm", "cmpc", "diversity", "ranking"}
+    torch.testing.assert_close(sum(out.losses.values()), out.loss.detach())
+
+
+def test_output_is_named_and_shaped():
+    model = _model().train()
+    out = model(torch.randn(4, 3, 32, 32), _ids(4), torch.tensor([0, 1, 2, 3]))
+    assert out.image_features.shape == out.text_features.shape == (4, 3, 64)
+    assert out.loss.ndim == 0 and out.loss.requires_grad
+    assert all(not v.requires_grad for v in out.losses.values())
+
+
+def test_encode_apart_equals_the_joint_forward_in_eval():
+    model = _model().eval()
+    images, ids = torch.randn(5, 3, 32, 32), _ids(5)
+    with torch.no_grad():
+        joint = model(images, ids, torch.arange(5) % 4)
+        assert joint.loss is None
+        torch.testing.assert_close(model.encode_images(images), joint.image_features)
+        torch.testing.assert_close(model.encode_texts(ids), joint.text_features)
+        # gallery and queries are encoded apart: a sample's features do not depend on the rest of its batch
+        torch.testing.assert_close(model.encode_texts(ids[:2]), joint.text_features[:2], rtol=1e-5, atol=1e-5)
+
+
+def test_retrieval_features_concat_and_global():
+    features = torch.randn(6, 3, 16)
+    concat, global_only = retrieval_features(features), retrieval_features(features, mode="global")
+    assert concat.shape == (6, 48) and global_only.shape == (6, 16)
+    torch.testing.assert_close(concat.norm(dim=1), torch.ones(6))
+    torch.testing.assert_close(concat * features.flatten(1).norm(dim=1, keepdim=True), features.flatten(1))
+    torch.testing.assert_close(global_only, features[:, 0] / features[:, 0].norm(dim=1, keepdim=True))
+    assert CFine.retrieval_features is retrieval_features
+    with pytest.raises(ValueError, match="concat"):
+        retrieval_features(features, mode="mean")
+
+
+def test_bf16_autocast_full_model_gives_fp32_loss_and_finite_gradients():
+    model = _model().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(4, 3, 32, 32), _ids(4), torch.tensor([0, 1, 1, 2]))
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_load_clip_weights_strictly_from_module_or_state_dict():
+    model = _model()
+    torch.manual_seed(123)
+    pretrained = CLIP(CLIPConfig.tiny())
+    model.load_clip_weights(pretrained)
+    for name, value in pretrained.state_dict().items():
+        assert torch.equal(model.clip.state_dict()[name], value), name
+    model.load_clip_weights(_model(seed=5).clip.state_dict())
+    assert not model.clip.logit_scale.requires_grad
+    with pytest.raises(RuntimeError, match="clip config"):
+        model.load_clip_weights(CLIP(CLIPConfig.tiny(width=32)))
+
+
+def test_config_round_trips_through_json_and_rebuilds_the_model():
+    config = CFineConfig(clip=CLIPConfig.tiny(image_size=(64, 32)), num_classes=7, cmpm_weights=(1.0, 0.5, 0.1))
+    restored = CFineConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert restored == config
+    model = CFine(config)
+    rebuilt = CFine(restored)
+    rebuilt.load_state_dict(model.state_dict())  # strict: same architecture from the config alone
+    defaults = CFineConfig()
+    assert (defaults.tau_cs, defaults.tau_cd, defaults.k_word, defaults.k_patch) == (0.07, 0.01, 3, 3)
+    assert (defaults.cmpm_weights, defaults.diversity_weight, defaults.ranking_weight) == ((1, 1, 0.1), 0.2, 10)
+    assert defaults.clip == CLIPConfig.vit_b16()
+    with pytest.raises(ValueError, match="unknown keys"):
+        CFineConfig.from_dict({"num_classes": 3, "tau": 1.0})
