@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import tempfile
@@ -47,7 +48,10 @@ def config_from_state_dict(state_dict: dict, image_size: tuple[int, int] | None 
             raise CheckpointError(f"not a CLIP ViT state dict: key '{key}' is missing")
     conv = state_dict["visual.conv1.weight"]
     width, patch = conv.shape[0], conv.shape[-1]
-    side = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    count = state_dict["visual.positional_embedding"].shape[0] - 1
+    side = math.isqrt(count)
+    if image_size is None and side * side != count:
+        raise CheckpointError(f"the image grid of {count} patches is not square: pass image_size=(H, W)")
     text_width = state_dict["ln_final.weight"].shape[0]
     vision = VisionConfig(
         image_size=tuple(image_size) if image_size else (side * patch, side * patch),
@@ -73,9 +77,20 @@ def _count_layers(state_dict: dict, prefix: str) -> int:
 
 
 def resize_positional_embedding(pos: torch.Tensor, new_grid: tuple[int, int]) -> torch.Tensor:
-    """Bicubic 2D resize of a square patch grid of positional embeddings; the class token's row is kept."""
+    """Bicubic 2D resize of a square patch grid of positional embeddings; the class token's row is kept.
+
+    A non-square grid (only this project writes those) is accepted unchanged when its token count is the
+    requested grid's, and refused otherwise: its layout cannot be inferred from the count alone.
+    """
     cls, grid = pos[:1], pos[1:]
-    side = round(grid.shape[0] ** 0.5)
+    count, side = grid.shape[0], math.isqrt(grid.shape[0])
+    if side * side != count:
+        if count == new_grid[0] * new_grid[1]:
+            return pos
+        raise CheckpointError(
+            f"its positional embedding has {count} patch positions, not a square grid, so it cannot be resized "
+            f"to the {new_grid[0]}x{new_grid[1]} grid of the requested image size; use the size it was trained at"
+        )
     if (side, side) == tuple(new_grid):
         return pos
     grid = grid.float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
@@ -92,7 +107,10 @@ def build_model(state_dict: dict, image_size: tuple[int, int] | None = None, sou
     except CheckpointError as error:
         raise CheckpointError(f"{source}: {error}") from None
     key = "visual.positional_embedding"
-    state_dict[key] = resize_positional_embedding(state_dict[key], config.vision.grid)
+    try:
+        state_dict[key] = resize_positional_embedding(state_dict[key], config.vision.grid)
+    except CheckpointError as error:
+        raise CheckpointError(f"{source}: {error}") from None
     model = CLIP(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))

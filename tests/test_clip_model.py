@@ -137,3 +137,16 @@ def test_autocast_bf16_runs_and_stays_close():
     assert torch.isfinite(low_image.tokens.float()).all()
     torch.testing.assert_close(low.tokens.float(), full.tokens, atol=0.1, rtol=0.1)
     torch.testing.assert_close(low.global_attention, full.global_attention, atol=2e-2, rtol=0.1)
+
+
+def test_non_square_grid_loads_at_its_own_size_and_refuses_other_sizes():
+    from clip.loading import CheckpointError
+
+    torch.manual_seed(5)
+    source = CLIP(CLIPConfig.tiny(image_size=(64, 32)))  # an 8 x 4 patch grid
+    same = build_model(source.state_dict(), image_size=(64, 32))
+    torch.testing.assert_close(same.visual.positional_embedding, source.visual.positional_embedding, rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="not a square grid"):
+        build_model(source.state_dict(), image_size=(96, 32))
+    with pytest.raises(CheckpointError, match="pass image_size"):
+        build_model(source.state_dict())
