@@ -1,0 +1,73 @@
+"""Atomic checkpoint files: one dict per checkpoint, written to a temporary file and renamed."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "cfine-checkpoint-v1"
+
+
+class CheckpointFileError(RuntimeError):
+    """A training checkpoint that cannot be used; the message names the file and the problem."""
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(file_object) on a temporary file beside path, fsync it, then rename it over path.
+
+    On any failure (out of disk, interrupt) the temporary file is removed and path keeps its old content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """torch.save(state) atomically; the previous file at path stays valid if saving fails."""
+    state = {"format": FORMAT, **state}
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except OSError as error:
+        raise CheckpointFileError(
+            f"{path}: could not be written ({error}); the previous checkpoint there, if any, is unchanged. "
+            "Free disk space or choose another --output_dir"
+        ) from error
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically (indented, UTF-8)."""
+    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode("utf-8")))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a CFine training checkpoint with torch.load(weights_only=True), with errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointFileError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # damaged archives raise many different types
+        raise CheckpointFileError(
+            f"{path}: cannot be read ({type(error).__name__}); the file is truncated or corrupt. "
+            "Use the other checkpoint in the same folder (last.pt / best.pt) or retrain"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointFileError(
+            f"{path}: not a CFine checkpoint written by train.py (no '{FORMAT}' marker). "
+            "To start from CLIP weights use train.py --clip instead"
+        )
+    return state

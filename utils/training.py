@@ -1,0 +1,102 @@
+"""Pieces of the training loop that are not CFine-specific: mixed precision, stop signals, RNG state, seeding."""
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+
+import numpy as np
+import torch
+
+
+def resolve_amp(mode: str, device: torch.device) -> str:
+    """'auto' -> bf16 on GPUs that support it, fp16 on older GPUs, off on CPU; explicit modes are checked."""
+    if mode == "auto":
+        if device.type != "cuda":
+            return "off"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if mode == "fp16" and device.type != "cuda":
+        raise SystemExit("--amp fp16 needs a CUDA device (CPU autocast supports bf16): use --amp bf16 or off")
+    return mode
+
+
+def autocast(device: torch.device, mode: str):
+    """torch.autocast for 'bf16'/'fp16', a no-op context for 'off'."""
+    if mode == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """RNG states as tensors and plain types only, so checkpoints load with weights_only=True."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of rng_state (CUDA states restored only where the same GPUs are present)."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag that the loop checks after each step (a second signal exits at once)."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is not None:  # asked twice: stop now
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+
+class NonFiniteGuard:
+    """Counts steps skipped for a non-finite loss; too many in a row means training has diverged."""
+
+    def __init__(self, limit: int = 50):
+        self.limit, self.in_a_row, self.total = limit, 0, 0
+
+    def skip(self, loss: torch.Tensor) -> bool:
+        """True if this step's loss is NaN/inf (the step must be skipped). One device sync per step."""
+        if bool(torch.isfinite(loss)):
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        self.total += 1
+        return True
+
+    @property
+    def diverged(self) -> bool:
+        return self.in_a_row >= self.limit
