@@ -8,9 +8,10 @@ from torch.utils.data import Sampler
 class EpochSampler(Sampler):
     """Yields (epoch, index) pairs: a (seed, epoch) permutation, truncated to whole batches on every replica.
 
-    Replica r takes positions r, r + R, r + 2R, ... of the permutation's first
-    `batches_per_epoch * batch_size * R` entries, so replicas are disjoint and run the same number of
-    batches (drop_last). The epoch travels with each index so the dataset's per-sample randomness
+    The permutation's first `batches_per_epoch * batch_size * R` entries form global batches of
+    batch_size * R; replica r takes the r-th contiguous slice of each, so replicas are disjoint, run the
+    same number of batches (drop_last), and their batches concatenated in rank order are exactly one
+    process's batches at batch_size * R (same samples, same order). The epoch travels with each index so the dataset's per-sample randomness
     (the flip) depends on (seed, epoch, index) only, whatever the worker count or persistence.
     """
 
@@ -35,7 +36,8 @@ class EpochSampler(Sampler):
         """This replica's sample order for `epoch` (all batches, before skipping)."""
         order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
         used = self.batches_per_epoch * self.batch_size * self.num_replicas
-        return order[:used][self.rank::self.num_replicas]
+        per_batch = order[:used].reshape(self.batches_per_epoch, self.num_replicas, self.batch_size)
+        return per_batch[:, self.rank].reshape(-1)
 
     def __iter__(self):
         epoch = self.epoch

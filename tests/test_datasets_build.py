@@ -98,6 +98,10 @@ def test_replicas_take_disjoint_equal_slices():
     orders = [[i for _, i in s] for s in replicas]
     assert all(len(o) == 32 for o in orders)  # 103 // (8 * 3) = 4 batches each
     assert len(set().union(*orders)) == 96 and all(0 <= i < 103 for o in orders for i in o)
+    # Concatenated in rank order, each global batch is one process's batch of 24, same order.
+    single = [i for _, i in EpochSampler(103, 24, seed=1)]
+    merged = [i for b in range(4) for o in orders for i in o[b * 8:(b + 1) * 8]]
+    assert merged == single
     with pytest.raises(ValueError, match="fewer than one batch"):
         EpochSampler(10, 8, num_replicas=2)
 
