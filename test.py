@@ -1,5 +1,113 @@
-"""Evaluate a CFine checkpoint. Not implemented yet: evaluation arrives with the train/test issue."""
+"""Evaluate a CFine checkpoint: text-to-image and image-to-text R@1/5/10, mAP and mINP (spec §7).
+
+    python test.py --checkpoint runs/cuhk/best.pt [--split test] [--visualize 8] [--plot]
+    torchrun --standalone --nproc_per_node 4 test.py --checkpoint runs/cuhk/best.pt
+The model is rebuilt from the checkpoint alone (no CLIP file needed). Under torchrun each process encodes a
+share of the split and the metrics equal the one-process ones exactly; only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import argparse
 import sys
+from pathlib import Path
+
+import torch
+
+from datasets.build import available_splits, build_eval_data
+from models.cfine import CFine, retrieval_features
+from models.config import CFineConfig
+from utils import distributed
+from utils.checkpoint import CheckpointFileError, load_checkpoint, write_json
+from utils.evaluation import encode_split, format_table, score_split
+from utils.training import resolve_amp
+from utils.visualize import plot_training_curves, ranking_page
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Evaluate a CFine checkpoint")
+    parser.add_argument("--checkpoint", required=True, help="best.pt or last.pt written by train.py")
+    parser.add_argument("--dataset", help="default: the dataset the checkpoint was trained on")
+    parser.add_argument("--data_root", help="folder holding data.sh's <dataset>/ (default: the training run's)")
+    parser.add_argument("--split", default="test", choices=["test", "val"])
+    parser.add_argument("--output_dir", help="default: <checkpoint folder>/eval_<split>")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=None, help="data loader processes per process")
+    parser.add_argument("--visualize", type=int, default=0, metavar="N",
+                        help="write N PNG pages: a query caption and its top-10 gallery images (green = same id)")
+    parser.add_argument("--plot", action="store_true", help="also plot training curves from the run's metrics.jsonl")
+    parser.add_argument("--no_progress", action="store_true")
+    return parser
+
+
+def load_model(path: str, device: torch.device) -> tuple[CFine, dict]:
+    """CFine rebuilt from the config stored in a train.py checkpoint, weights loaded strictly."""
+    state = load_checkpoint(path)
+    try:
+        model = CFine(CFineConfig.from_dict(state["config"]))
+        model.load_state_dict(state["model"], strict=True)
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise CheckpointFileError(f"{path}: its weights do not match the CFine model it describes ({error})") from None
+    return model.to(device).eval(), state
+
+
+def visualize(encoded, data, out_dir: Path, count: int, top: int = 10) -> list[Path]:
+    """Pages for `count` queries spread evenly over the split: caption, top-`top` gallery, matches in green."""
+    queries = retrieval_features(encoded.queries, "concat")
+    gallery = retrieval_features(encoded.gallery, "concat")
+    picks = torch.linspace(0, len(queries) - 1, steps=min(count, len(queries))).round().long().unique()
+    pages = []
+    for rank, q in enumerate(picks.tolist()):
+        scores = gallery @ queries[q]
+        order = torch.sort(scores, descending=True, stable=True).indices[:top].cpu()
+        matches = (encoded.gallery_pids[order.to(encoded.gallery_pids.device)] == encoded.query_pids[q]).tolist()
+        path = out_dir / f"query_{rank:03d}.png"
+        ranking_page(data.query_captions[q], [data.gallery_paths[i] for i in order.tolist()], matches, path,
+                     title=f"query {q} (id {int(encoded.query_pids[q])}): top {top} of {len(gallery)}")
+        pages.append(path)
+    return pages
+
+
+def main(args: argparse.Namespace) -> int:
+    info, device = distributed.init_distributed(args.device)
+    try:
+        model, state = load_model(args.checkpoint, device)
+    except CheckpointFileError as error:
+        raise SystemExit(str(error)) from None
+    train_args = state.get("args", {})
+    dataset = args.dataset or train_args.get("dataset")
+    data_root = args.data_root or train_args.get("data_root", "processed_data")
+    processed = Path(data_root) / dataset
+    if args.split not in available_splits(processed):
+        raise SystemExit(f"{processed} has no {args.split} split (it has: {', '.join(available_splits(processed))})")
+    amp = resolve_amp(args.amp, device)
+    image_size = tuple(model.config.clip.vision.image_size)
+    workers = distributed.loader_workers(args.workers, info)
+    data = build_eval_data(processed, args.split, image_size=image_size, batch_size=args.batch_size,
+                           workers=workers, mean_std=train_args.get("mean_std", "clip"))
+    out_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent / f"eval_{args.split}"
+    encoded = encode_split(model, data, device, amp, args.batch_size, progress=info.is_main and not args.no_progress)
+    results = score_split(encoded)
+    if info.is_main:
+        print(f"{args.checkpoint} on {dataset} {args.split}: {len(data.gallery_pids)} images, "
+              f"{len(data.query_pids)} captions")
+        print(format_table(results))
+        write_json(out_dir / "metrics.json", {"checkpoint": str(args.checkpoint), "dataset": dataset,
+                                              "split": args.split, "epoch": state.get("epoch"), **results})
+        print(f"wrote {out_dir / 'metrics.json'}")
+        if args.visualize > 0:
+            pages = visualize(encoded, data, out_dir / "visualize", args.visualize)
+            print(f"wrote {len(pages)} pages to {out_dir / 'visualize'}")
+        if args.plot:
+            metrics = Path(args.checkpoint).parent / "metrics.jsonl"
+            if not metrics.is_file():
+                raise SystemExit(f"--plot: {metrics} not found (it is written by train.py beside its checkpoints)")
+            plot_training_curves(metrics, out_dir / "training_curves.png")
+            print(f"wrote {out_dir / 'training_curves.png'}")
+    distributed.cleanup()
+    return 0
+
 
 if __name__ == "__main__":
-    sys.exit("test.py is not implemented yet (see the open train/test issue).")
+    sys.exit(distributed.run(main, get_args_parser().parse_args()))

@@ -12,6 +12,7 @@ from clip.model import TokenFeatures
 from .bottleneck import apply_bottleneck, make_bottleneck
 from .classifier import CMPCClassifier
 from .config import CFineConfig
+from .gather import gather_batch
 from .mgf import ResidualCrossAttentionBlock, local_global_features, mgf_heads
 from .objectives import cmpc_loss, cmpm_loss, diversity_loss, ranking_loss
 from .selection import Selection, image_candidates, select_tokens, text_candidates, text_padding_mask
@@ -36,6 +37,14 @@ class Branch(NamedTuple):
     selection: Selection
 
 
+def global_branch(branch: Branch) -> Branch:
+    """The branch over the global batch of all DDP ranks (gradient-preserving all-gather; identity alone)."""
+    k = branch.selection.group1.shape[1]
+    selected = gather_batch(branch.selection.selected)  # the groups are slices of it: one gather for three
+    return Branch(gather_batch(branch.features), gather_batch(branch.global_token),
+                  Selection(selected[:, :k], selected[:, k:], selected))
+
+
 class CFineHead(nn.Module):
     """The shared MGF block, one BN bottleneck per modality and the CMPC classifier, on top of any encoder."""
 
@@ -47,6 +56,8 @@ class CFineHead(nn.Module):
         self.image_bn = make_bottleneck(width)
         self.text_bn = make_bottleneck(width)
         self.classifier = CMPCClassifier(width, config.num_classes)
+        # train.py --gather_features: CMPM and the ranking loss see the global batch of all DDP ranks.
+        self.gather_features = False
 
     def _branch(self, feats: TokenFeatures, bn: nn.BatchNorm1d, is_text: bool) -> Branch:
         tokens = feats.tokens
@@ -86,14 +97,24 @@ class CFineHead(nn.Module):
         return cross + fine
 
     def losses(self, image: Branch, text: Branch, pids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Spec §5 weighted parts (default weights: CMPM 1, 1, 0.1; CMPC 1, 1, 1; diversity 0.2; ranking 10)."""
+        """Spec §5 weighted parts (default weights: CMPM 1, 1, 0.1; CMPC 1, 1, 1; diversity 0.2; ranking 10).
+
+        With gather_features, CMPM and ranking use the global batch of all ranks; CMPC and diversity are
+        per-sample means and stay local (DDP's gradient average makes them global-batch means; models/gather.py).
+        """
         config, img, txt = self.config, image.features, text.features
         weight = self.classifier.weight
+        if self.gather_features:
+            all_image, all_text, all_pids = global_branch(image), global_branch(text), gather_batch(pids)
+        else:
+            all_image, all_text, all_pids = image, text, pids
+        all_img, all_txt = all_image.features, all_text.features
+        cmpm_weights, margin = enumerate(config.cmpm_weights), config.margin
         return {
-            "cmpm": sum(w * cmpm_loss(img[:, n], txt[:, n], pids) for n, w in enumerate(config.cmpm_weights)),
+            "cmpm": sum(w * cmpm_loss(all_img[:, n], all_txt[:, n], all_pids) for n, w in cmpm_weights),
             "cmpc": (torch.tensor(config.cmpc_weights, device=img.device) * cmpc_loss(img, txt, pids, weight)).sum(),
             "diversity": config.diversity_weight * (diversity_loss(img[:, 1:]) + diversity_loss(txt[:, 1:])),
-            "ranking": config.ranking_weight * ranking_loss(self.similarity(image, text), pids, config.margin),
+            "ranking": config.ranking_weight * ranking_loss(self.similarity(all_image, all_text), all_pids, margin),
         }
 
     def forward(self, image: TokenFeatures, text: TokenFeatures, pids: torch.Tensor | None = None) -> CFineOutput:

@@ -1,0 +1,23 @@
+"""Shared fixtures: one small synthetic benchmark, prepared by data.sh's module, per test session."""
+from pathlib import Path
+
+import pytest
+
+from datasets import prepare, synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small but CFine-shaped: 64x32 images with 8-pixel patches give 33 image tokens (k_img = 3).
+TINY_TRAIN_FLAGS = ["--clip", "none", "--clip_arch", "tiny", "--image_size", "64", "32", "--batch_size", "16",
+                    "--lr_head", "1e-3", "--lr_image", "1e-3", "--lr_text", "1e-3", "--warmup_epochs", "1",
+                    "--milestones", "3", "--workers", "0", "--no_progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def processed_root(tmp_path_factory) -> Path:
+    """processed_data-style folder holding a synthetic CUHK-PEDES (40 ids x 3 images)."""
+    base = tmp_path_factory.mktemp("synthetic")
+    synthetic.generate(base / "raw", "CUHK-PEDES", ids=40, images_per_id=3, seed=1)
+    out = base / "processed_data"
+    assert prepare.main([str(base / "raw"), "CUHK-PEDES", "--out", str(out), "--workers", "1"]) == 0
+    return out

@@ -1,0 +1,368 @@
+"""Several processes on CPU (Gloo, 2 ranks): DDP training, global-batch objectives, distributed evaluation, resume.
+
+The gradient maths runs in 2 processes spawned here on a tiny CFine; the user's path runs train.py and
+test.py under torchrun, through a small probe script that also saves each rank's final weights.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader
+
+from clip.model import CLIPConfig
+from datasets.build import EvalData
+from models import CFine, CFineConfig
+from models.gather import GlobalBatchNorm1d, convert_to_global_bn, gather_batch
+import train
+from tests.conftest import REPO, TINY_TRAIN_FLAGS
+from utils import distributed
+from utils.checkpoint import load_checkpoint
+from utils.evaluation import encode_split
+
+SOT, EOT = 49406, 49407
+WORLD = 2
+LR = 1e-4  # one SGD step at the spec's head learning rate: the update is -LR x the gradient
+# Per process batch 8 (global 16 on 2 ranks); eval batches of 4 split the 12 val images over both ranks.
+DDP_FLAGS = [*TINY_TRAIN_FLAGS, "--batch_size", "8", "--eval_batch_size", "4"]  # the last --batch_size wins
+TIMING_KEYS = ("seconds", "pairs_per_s")
+
+PROBE = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import torch
+import train
+from utils import distributed
+
+models, wrap = [], distributed.wrap_ddp
+distributed.wrap_ddp = lambda model, device: models.append(model) or wrap(model, device)
+forward, calls = train.CFine.forward, []
+def patched(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3 and os.environ.get("PROBE_FAIL_RANK") == os.environ["RANK"]:
+        raise RuntimeError("injected failure on rank " + os.environ["RANK"])
+    out = forward(self, *args, **kwargs)
+    if len(calls) == 2 and os.environ.get("PROBE_NAN_RANK") == os.environ["RANK"]:
+        out.loss = out.loss * float("nan")
+    return out
+train.CFine.forward = patched
+code = distributed.run(train.main, train.parse_args())
+if os.environ.get("PROBE_DUMP"):
+    torch.save(models[0].state_dict(), os.path.join(os.environ["PROBE_DUMP"], "rank%s.pt" % os.environ["RANK"]))
+sys.exit(code)
+"""
+
+
+# ---------------------------------------------------------------- one process: sharding and the identity case
+
+def test_shards_are_contiguous_whole_batches_covering_each_item_once():
+    for length, batch, world in [(12, 4, 2), (13, 4, 2), (3, 4, 2), (0, 4, 3), (100, 7, 8), (25, 1, 4)]:
+        shards = [distributed.shard_range(length, batch, rank, world) for rank in range(world)]
+        assert [i for shard in shards for i in shard] == list(range(length))
+        assert all(shard.start % batch == 0 for shard in shards if len(shard))
+        sizes = sorted(-(-len(shard) // batch) for shard in shards)  # batches per rank
+        assert sizes[-1] - sizes[0] <= 1
+
+
+def test_gather_and_global_bn_are_the_identity_in_one_process():
+    x = torch.randn(5, 4, requires_grad=True)
+    assert gather_batch(x) is x
+    bn, global_bn = torch.nn.BatchNorm1d(4), convert_to_global_bn(torch.nn.BatchNorm1d(4))
+    assert isinstance(global_bn, GlobalBatchNorm1d) and global_bn.state_dict().keys() == bn.state_dict().keys()
+    assert torch.equal(bn(x), global_bn(x)) and torch.equal(bn.running_var, global_bn.running_var)
+
+
+# ---------------------------------------------------------------- two spawned processes: the gradient maths
+
+def _ids(batch: int, seed: int = 0) -> torch.Tensor:
+    """SOT, random words, EOT, zero padding; caption lengths vary."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(batch, 77, dtype=torch.long)
+    ids[:, 0] = SOT
+    for b, eot in enumerate(torch.randint(3, 40, (batch,), generator=g).tolist()):
+        ids[b, 1:eot] = torch.randint(1, SOT, (eot - 1,), generator=g)
+        ids[b, eot] = EOT
+    return ids
+
+
+def _batch():
+    """8 pairs; identities repeat within and across the two halves (positives on both sides of the split)."""
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return images, _ids(8), torch.tensor([0, 1, 2, 0, 3, 1, 2, 4])
+
+
+def _model(sync_bn=False, gather_features=False) -> CFine:
+    """The set-up of train.py: same seed on every rank, BN conversion and the gather flag before DDP."""
+    torch.manual_seed(0)
+    model = CFine(CFineConfig(clip=CLIPConfig.tiny(), num_classes=5)).train()
+    if sync_bn:
+        convert_to_global_bn(model)
+    model.head.gather_features = gather_features
+    return model
+
+
+def _step(model, forward, rows):
+    """One training step on batch rows `rows`: loss, gradients, then the SGD-updated state and the features."""
+    images, ids, pids = _batch()
+    out = forward(images[rows], ids[rows], pids[rows])
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR).step()
+    return {"loss": out.loss.detach(), "grads": grads, "state": {k: v.clone() for k, v in model.state_dict().items()},
+            "features": out.image_features.detach()}
+
+
+def _eval_data() -> EvalData:
+    """6 gallery images in loader batches of 4 (shards of 4 and 2 rows) and 5 queries (one batch: rank 1 gets none)."""
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    loader = DataLoader([{"images": image} for image in images], batch_size=4)
+    return EvalData("val", loader, torch.arange(6) % 3, [], _ids(5, seed=3), torch.tensor([0, 1, 2, 0, 1]), [])
+
+
+def _ddp_worker(rank: int, tmp: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
+    try:
+        rows = slice(rank * 4, rank * 4 + 4)
+        for mode, options in {"global": (True, True), "local": (False, False)}.items():
+            model = _model(*options)
+            result = _step(model, distributed.wrap_ddp(model, torch.device("cpu")), rows)
+            result["loss"] = distributed.all_reduce_sum(result["loss"]) / WORLD  # what train.py logs
+            torch.save(result, os.path.join(tmp, f"{mode}_rank{rank}.pt"))
+        encoded = encode_split(_model(), _eval_data(), torch.device("cpu"), batch_size=8, progress=False)
+        torch.save(encoded, os.path.join(tmp, f"eval_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _assert_close_dicts(actual: dict, expected: dict, **tolerance):
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], msg=lambda m: f"{key}: {m}", **tolerance)
+
+
+def _assert_same_gradients(actual: dict, expected: dict):
+    """fp32 agreement per tensor: 1e-4 of its largest entry, plus a floor of 1e-6 of the largest gradient overall
+    (for tensors whose exact gradient is 0, e.g. the MLP bias that BN cancels, and which hold rounding noise only)."""
+    assert actual.keys() == expected.keys()
+    floor = 1e-6 * max(float(g.abs().max()) for g in expected.values())
+    for key in expected:
+        atol = 1e-4 * float(expected[key].abs().max()) + floor
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=atol, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("spawned")
+    mp.spawn(_ddp_worker, args=(str(tmp),), nprocs=WORLD, join=True)
+    return {f"{mode}{rank}": torch.load(tmp / f"{mode}_rank{rank}.pt", weights_only=False)
+            for mode in ("global", "local", "eval") for rank in range(WORLD)}
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_gather_features_and_sync_bn_equal_one_process_on_the_concatenated_batch(spawned):
+    model = _model()
+    reference = _step(model, model, slice(0, 8))
+    for rank in range(WORLD):
+        result = spawned[f"global{rank}"]
+        torch.testing.assert_close(result["loss"], reference["loss"], rtol=1e-5, atol=1e-5)
+        _assert_same_gradients(result["grads"], reference["grads"])
+        # Updated parameters and BN running statistics (global-batch statistics on every rank).
+        _assert_close_dicts(result["state"], reference["state"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result["features"], reference["features"][rank * 4:rank * 4 + 4],
+                                   rtol=1e-5, atol=1e-5)
+    for key, value in spawned["global0"]["state"].items():  # the replicas are identical, bit for bit
+        assert torch.equal(value, spawned["global1"]["state"][key]), key
+
+
+def test_without_gather_each_rank_uses_its_own_batch_and_ddp_averages(spawned):
+    halves = []
+    for rank in range(WORLD):
+        model = _model()
+        halves.append(_step(model, model, slice(rank * 4, rank * 4 + 4)))
+    mean_grads = {k: (halves[0]["grads"][k] + halves[1]["grads"][k]) / 2 for k in halves[0]["grads"]}
+    result = spawned["local0"]
+    torch.testing.assert_close(result["loss"], (halves[0]["loss"] + halves[1]["loss"]) / 2, rtol=1e-5, atol=1e-5)
+    _assert_same_gradients(result["grads"], mean_grads)
+    for key, value in spawned["local0"]["grads"].items():
+        assert torch.equal(value, spawned["local1"]["grads"][key]), key  # DDP's average reached both ranks
+    # BN statistics are per rank here (train.py hands rank 0's to every rank before evaluating and saving).
+    for rank in range(WORLD):
+        state = spawned[f"local{rank}"]["state"]
+        for name in ("head.image_bn.running_mean", "head.text_bn.running_var"):
+            torch.testing.assert_close(state[name], halves[rank]["state"][name], rtol=1e-5, atol=1e-6)
+    # The local objectives are a different training signal from the global batch's (the test above can fail).
+    model = _model()
+    whole = _step(model, model, slice(0, 8))
+    with pytest.raises(AssertionError):
+        _assert_same_gradients(result["grads"], whole["grads"])
+
+
+def test_distributed_encoding_is_the_one_process_encoding_on_every_rank(spawned):
+    expected = encode_split(_model(), _eval_data(), torch.device("cpu"), batch_size=8, progress=False)
+    for rank in range(WORLD):
+        encoded = spawned[f"eval{rank}"]
+        assert encoded.gallery.shape == (6, 3, 64) and encoded.queries.shape == (5, 3, 64)
+        assert torch.equal(encoded.gallery, expected.gallery) and torch.equal(encoded.queries, expected.queries)
+
+
+# ---------------------------------------------------------------- torchrun: the user's commands
+
+def torchrun(script, *args, env=None, **popen):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+               str(script), *map(str, args)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
+
+
+def finish(process, timeout=240):
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # torchrun passes it on to its workers (they run in their own sessions)
+        stdout, stderr = process.communicate(timeout=60)
+        pytest.fail(f"no exit within {timeout} s:\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    return process.returncode, stdout, stderr
+
+
+def run_ok(*command, timeout=240):
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, f"{command}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    path = tmp_path_factory.mktemp("probe") / "probe.py"
+    path.write_text(PROBE.format(repo=str(REPO)))
+    return path
+
+
+def train_flags(processed_root, out, *extra):
+    return ["--data_root", processed_root, "--output_dir", out, *DDP_FLAGS, *extra]
+
+
+@pytest.fixture(scope="module")
+def straight(processed_root, probe, tmp_path_factory):
+    """3 epochs on 2 ranks (default flags: local losses, per-rank BN); each rank's final weights saved."""
+    out = tmp_path_factory.mktemp("ddp") / "straight"
+    out.mkdir()
+    code, stdout, stderr = finish(torchrun(probe, *train_flags(processed_root, out, "--epochs", "3"),
+                                           env={"PROBE_DUMP": str(out)}))
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    return out, stdout
+
+
+def rows(out_dir):
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_torchrun_training_keeps_replicas_identical_and_only_rank_0_writes(straight):
+    out, stdout = straight
+    rank0, rank1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    assert_same_state(rank0, rank1)  # parameters and BN running statistics
+    last = load_checkpoint(out / "last.pt")
+    assert not any(key.startswith("module.") for key in last["model"])
+    assert_same_state(last["model"], rank0)
+    assert last["world_size"] == WORLD
+    assert "global batch 16 (8 per process x 2 process(es))" in stdout
+    assert stdout.count("epoch 1 on val:") == 1 and stdout.count('{"epoch": 3,') == 1  # printed by rank 0 only
+    assert [r["epoch"] for r in rows(out)] == [1, 2, 3]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "best.pt", "config.json", "last.pt", "metrics.jsonl", "rank0.pt", "rank1.pt"]
+
+
+def test_distributed_evaluation_equals_one_process_exactly(straight):
+    out, _ = straight
+    one = ["--checkpoint", out / "last.pt", "--batch_size", "4", "--workers", "0", "--no_progress", "--device", "cpu"]
+    # The evaluation inside the 2-rank training run (val) against test.py in one process on its last.pt.
+    run_ok(sys.executable, "test.py", *map(str, one), "--split", "val", "--output_dir", str(out / "val_one"))
+    single = json.loads((out / "val_one" / "metrics.json").read_text())
+    during = rows(out)[-1]
+    assert {k: during[k] for k in single["t2i"]} == single["t2i"]
+    assert {k: during[f"i2t_{k}"] for k in single["i2t"]} == single["i2t"]
+    # test.py under torchrun against test.py in one process, on the test split.
+    run_ok(sys.executable, "test.py", *map(str, one), "--output_dir", str(out / "test_one"))
+    code, stdout, stderr = finish(torchrun("test.py", *one, "--output_dir", out / "test_two"))
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    assert stdout.count("text->image [global+lg1+lg2]") == 1
+    one_process = json.loads((out / "test_one" / "metrics.json").read_text())
+    two_processes = json.loads((out / "test_two" / "metrics.json").read_text())
+    assert two_processes == one_process
+    assert one_process["t2i"]["num_queries"] == 25  # every caption once: no padding, no duplicates
+
+
+def test_sigterm_under_torchrun_saves_on_rank_0_and_resumes_exactly(processed_root, probe, straight, tmp_path):
+    out = tmp_path / "interrupted"
+    process = torchrun(probe, *train_flags(processed_root, out, "--epochs", "20"))
+    for line in process.stdout:  # rank 0 prints epoch 1's row after writing its checkpoint
+        if line.startswith('{"epoch": 1,'):
+            process.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to every rank
+            break
+    code, _, stderr = finish(process)
+    assert code != 0
+    assert stderr.count("stopped by SIGTERM") == 1 and "--resume" in stderr
+    state = load_checkpoint(out / "last.pt")
+    assert state["step_in_epoch"] > 0 and state["epoch"] < 3  # mid-epoch, before the straight run's end
+    # Its batches depend on the process count: one process must refuse to continue it.
+    with pytest.raises(SystemExit, match="saved by 2 process\\(es\\) in the middle of epoch"):
+        train.main(train.parse_args(list(map(str, train_flags(processed_root, tmp_path / "one", "--resume",
+                                                              out / "last.pt")))))
+
+    code, stdout, stderr = finish(torchrun(probe, *train_flags(processed_root, out, "--epochs", "3", "--resume",
+                                                              out / "last.pt")))
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    assert_same_state(load_checkpoint(out / "last.pt")["model"], load_checkpoint(straight[0] / "last.pt")["model"])
+    # The interrupted epoch logs the mean loss of its steps after the resume only; all else is the same.
+    interrupted = state["epoch"] + 1
+    without_loss = lambda r: {k: v for k, v in r.items() if not (r["epoch"] == interrupted and k.startswith("loss"))}
+    assert [without_loss(r) for r in rows(out)] == [without_loss(r) for r in rows(straight[0])]
+
+
+def test_gather_features_sync_bn_and_a_nonfinite_loss_on_one_rank_under_torchrun(processed_root, probe, tmp_path):
+    out = tmp_path / "global"
+    out.mkdir()
+    code, stdout, stderr = finish(torchrun(probe, *train_flags(processed_root, out, "--epochs", "1",
+                                                              "--gather_features", "--sync_bn"),
+                                           env={"PROBE_DUMP": str(out), "PROBE_NAN_RANK": "1"}))
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    assert stderr.count("non-finite loss, step skipped") == 1  # by every rank (else DDP would hang), told once
+    assert "losses on the global batch (--gather_features), BN statistics of the global batch (--sync_bn)" in stdout
+    rank0 = torch.load(out / "rank0.pt")
+    assert_same_state(rank0, torch.load(out / "rank1.pt"))
+    assert_same_state(load_checkpoint(out / "last.pt")["model"], rank0)
+    row = rows(out)[0]
+    assert row["skipped_steps"] == 1
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in row.items() if k.startswith("loss"))
+
+
+def test_a_failing_rank_stops_every_rank_with_its_error(processed_root, probe, tmp_path):
+    started = time.monotonic()
+    code, stdout, stderr = finish(torchrun(probe, *train_flags(processed_root, tmp_path / "fail", "--epochs", "2"),
+                                           env={"PROBE_FAIL_RANK": "1"}), timeout=120)
+    elapsed = time.monotonic() - started
+    assert code != 0
+    assert "RuntimeError: injected failure on rank 1" in stderr and "[rank 1] failed" in stderr
+    assert elapsed < 60, f"the run took {elapsed:.0f} s to stop"

@@ -1,0 +1,58 @@
+"""The user's path, as subprocesses: synthetic data -> data.sh -> train.py (2 epochs) -> test.py."""
+import json
+import os
+import subprocess
+import sys
+
+from PIL import Image
+
+from tests.conftest import REPO, TINY_TRAIN_FLAGS
+
+
+def run(*command, cwd=REPO):
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_synthetic_to_data_sh_to_train_to_test(tmp_path):
+    run(sys.executable, "-m", "datasets.synthetic", "--out", str(tmp_path / "raw"), "--format", "CUHK-PEDES",
+        "--ids", "48", "--images-per-id", "3", "--seed", "3")
+    run("bash", str(REPO / "data.sh"), str(tmp_path / "raw"), "CUHK-PEDES", "--out", str(tmp_path / "processed"))
+    assert (tmp_path / "processed" / "CUHK-PEDES" / "val_reid.json").is_file()
+
+    out = tmp_path / "run"
+    run(sys.executable, "train.py", "--data_root", str(tmp_path / "processed"), "--output_dir", str(out),
+        *TINY_TRAIN_FLAGS, "--epochs", "2", "--eval_at_start")
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "config.json"):
+        assert (out / name).is_file(), name
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [0, 1, 2]
+    untrained, trained = history[0], max(history[1:], key=lambda row: row["R1"])
+    assert trained["R1"] > untrained["R1"]
+    assert {"loss", "loss_cmpm", "loss_cmpc", "loss_diversity", "loss_ranking", "lr_head", "lr_image_encoder",
+            "lr_text_encoder", "R1", "R5", "R10", "mAP", "mINP", "seconds", "pairs_per_s"} <= set(history[1])
+
+    stdout = run(sys.executable, "test.py", "--checkpoint", str(out / "best.pt"), "--visualize", "2", "--plot",
+                 "--workers", "0", "--no_progress", "--device", "cpu")
+    assert "text->image [global+lg1+lg2]" in stdout and "image->text [global only]" in stdout
+    metrics = json.loads((out / "eval_test" / "metrics.json").read_text())
+    assert metrics["split"] == "test" and {"t2i", "i2t", "t2i_global", "i2t_global"} <= set(metrics)
+    assert set(metrics["t2i"]) >= {"R1", "R5", "R10", "mAP", "mINP"}
+    pages = sorted((out / "eval_test" / "visualize").glob("*.png"))
+    assert len(pages) == 2
+    with Image.open(pages[0]) as page:
+        assert page.width > 10 * 64  # ten ranked gallery tiles side by side
+    assert (out / "eval_test" / "training_curves.png").is_file()
+
+
+def test_test_py_rejects_bad_checkpoints(tmp_path):
+    missing = subprocess.run([sys.executable, "test.py", "--checkpoint", str(tmp_path / "none.pt")], cwd=REPO,
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "no such checkpoint file" in missing.stderr
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes(b"PK\x03\x04 not really a zip")
+    result = subprocess.run([sys.executable, "test.py", "--checkpoint", str(truncated)], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "truncated or corrupt" in result.stderr

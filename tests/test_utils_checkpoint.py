@@ -1,0 +1,63 @@
+"""utils/checkpoint.py: atomic writes that survive a full disk, and clear errors for unusable files."""
+import errno
+import importlib.util
+
+import pytest
+import torch
+
+from clip.config import CLIPConfig
+from models.cfine import CFine
+from models.config import CFineConfig
+from utils import checkpoint as ckpt
+from utils.checkpoint import CheckpointFileError, load_checkpoint, save_checkpoint
+from tests.conftest import REPO
+
+
+def test_roundtrip_with_weights_only(tmp_path):
+    state = {"model": {"w": torch.arange(4.0)}, "epoch": 3, "config": {"a": [1, 2]}}
+    save_checkpoint(state, tmp_path / "last.pt")
+    loaded = load_checkpoint(tmp_path / "last.pt")
+    assert loaded["epoch"] == 3 and torch.equal(loaded["model"]["w"], torch.arange(4.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_out_of_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"epoch": 1}, path)
+
+    def full_disk(obj, f):
+        f.write(b"partial data")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    with pytest.raises(CheckpointFileError, match="could not be written.*previous checkpoint.*unchanged"):
+        save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
+
+
+def test_missing_truncated_and_foreign_files(tmp_path):
+    with pytest.raises(CheckpointFileError, match="no such checkpoint file"):
+        load_checkpoint(tmp_path / "absent.pt")
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.zeros(1000)}}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointFileError, match="last.pt: cannot be read.*truncated or corrupt"):
+        load_checkpoint(path)
+    foreign = tmp_path / "clip.pt"
+    torch.save({"visual.proj": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointFileError, match="not a CFine checkpoint"):
+        load_checkpoint(foreign)
+
+
+def test_checkpoint_from_another_model_is_rejected_by_test_py(tmp_path):
+    spec = importlib.util.spec_from_file_location("cfine_test_script", REPO / "test.py")  # 'test' is a stdlib name
+    test_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(test_script)
+    model = CFine(CFineConfig(clip=CLIPConfig.tiny(), num_classes=5))
+    other = CFine(CFineConfig(clip=CLIPConfig.tiny(width=128), num_classes=5))
+    save_checkpoint({"model": other.state_dict(), "config": model.config.to_dict()}, tmp_path / "mixed.pt")
+    with pytest.raises(CheckpointFileError, match="weights do not match"):
+        test_script.load_model(tmp_path / "mixed.pt", torch.device("cpu"))

@@ -1,0 +1,180 @@
+"""torchrun-native process groups: the same script runs as one process or as N (DDP), on one node or many."""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# Collectives wait this long for a late rank (rank 0 writing a checkpoint, a slow evaluation) before failing.
+TIMEOUT = datetime.timedelta(minutes=30)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
+    """Join torchrun's process group if WORLD_SIZE > 1 (NCCL on CUDA, Gloo on CPU) and pick this rank's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    info = DistInfo(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")),
+                    int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda was requested but no CUDA GPU is visible; use --device cpu")
+        if info.enabled and info.local_world_size > torch.cuda.device_count():
+            raise SystemExit(f"torchrun started {info.local_world_size} processes on this node but it has "
+                             f"{torch.cuda.device_count()} visible GPU(s): use --nproc_per_node "
+                             f"{torch.cuda.device_count()} (or fewer)")
+        torch_device = torch.device("cuda", info.local_rank if info.enabled else (torch_device.index or 0))
+        torch.cuda.set_device(torch_device)
+    if info.enabled and not dist.is_initialized():
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        kwargs = {"device_id": torch_device} if backend == "nccl" else {}
+        dist.init_process_group(backend, timeout=TIMEOUT, **kwargs)
+    return info, torch_device
+
+
+def loader_workers(requested: int | None, info: DistInfo) -> int | None:
+    """--workers as given; by default (None) under torchrun the node's cores shared among its training processes."""
+    if requested is not None or not info.enabled:
+        return requested  # None: the loaders' own default (cores - 1, at most 8)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, max(0, cpus // info.local_world_size - 1))
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Leave the process group, all ranks together (none exits while rank 0 still writes files)."""
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel(model) when several processes run; the model itself otherwise.
+
+    Every trainable parameter of CFine takes part in each loss (the MGF key bias receives an exact zero),
+    so find_unused_parameters stays off; frozen tensors (logit_scale, BN biases) are ignored by DDP.
+    """
+    if get_world_size() == 1:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Copy rank 0's buffers (BN running statistics) to every rank, as DDP does before each training forward.
+
+    Without --sync_bn each rank's last forward updated its own statistics; rank 0's are the ones its
+    checkpoint holds, so every rank must evaluate with them.
+    """
+    if get_world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a copy; the tensor itself in a single process)."""
+    if get_world_size() == 1:
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def shard_range(length: int, batch_size: int, rank: int | None = None, world_size: int | None = None) -> range:
+    """This rank's contiguous share of `length` items, in whole batches of the one-process batching.
+
+    Ranks split the ceil(length / batch_size) batches into contiguous runs (sizes differ by at most one
+    batch; a rank may get none), so each item is encoded in the very batch one process would use.
+    """
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    batches = -(-length // batch_size)
+    first, last = rank * batches // world_size, (rank + 1) * batches // world_size
+    return range(min(first * batch_size, length), min(last * batch_size, length))
+
+
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows concatenated in rank order, on every rank: sizes gathered, padded to the largest, cut back.
+
+    No sample is duplicated or dropped (unlike a padded DistributedSampler); shards may differ in size or be empty.
+    """
+    world_size = get_world_size()
+    if world_size == 1:
+        return local
+    size = torch.tensor([local.shape[0]], device=local.device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    padded = local.new_zeros((max(sizes), *local.shape[1:]))
+    padded[:local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def run(main, args) -> int:
+    """main(args), with a failing rank of a multi-process run printing its error and exiting at once.
+
+    The rank does not wait for its peers (they may be blocked in a collective): it leaves, and torchrun's
+    agent stops the other ranks and reports the root cause (written by torch's @record error handler).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return main(args)
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    rank = os.environ.get("RANK", "?")
+    try:
+        return record(main)(args)
+    except SystemExit as error:  # a boundary error with its message (bad flag, diverged run): no traceback
+        code = error.code
+        if code is None or code == 0:
+            return 0
+        if not isinstance(code, int):
+            print(f"[rank {rank}] {code}", file=sys.stderr)
+            code = 1
+        sys.stderr.flush()
+        os._exit(code)
+    except BaseException:
+        print(f"[rank {rank}] failed; stopping this run:", file=sys.stderr)
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
