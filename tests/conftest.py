@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from datasets import prepare, synthetic
 
@@ -21,3 +22,27 @@ def processed_root(tmp_path_factory) -> Path:
     out = base / "processed_data"
     assert prepare.main([str(base / "raw"), "CUHK-PEDES", "--out", str(out), "--workers", "1"]) == 0
     return out
+
+
+SOT, EOT = 49406, 49407
+
+
+def random_caption_ids(batch: int, seed: int = 0) -> torch.Tensor:
+    """Synthetic CLIP token ids (batch, 77): SOT, random words, EOT, zero padding; caption lengths vary."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(batch, 77, dtype=torch.long)
+    ids[:, 0] = SOT
+    for b, eot in enumerate(torch.randint(3, 40, (batch,), generator=g).tolist()):
+        ids[b, 1:eot] = torch.randint(1, SOT, (eot - 1,), generator=g)
+        ids[b, eot] = EOT
+    return ids
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for the test, then the previous setting (use with pytest.mark.usefixtures)."""
+    # Tiny tensors gain nothing from threads; on a busy 2-core runner OpenMP spin-waits made them 50x slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -21,12 +21,13 @@ from datasets.build import EvalData
 from models import CFine, CFineConfig
 from models.gather import GlobalBatchNorm1d, convert_to_global_bn, gather_batch
 import train
-from tests.conftest import REPO, TINY_TRAIN_FLAGS
+from tests.conftest import REPO, TINY_TRAIN_FLAGS, random_caption_ids
 from utils import distributed
 from utils.checkpoint import load_checkpoint
 from utils.evaluation import encode_split
 
-SOT, EOT = 49406, 49407
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 WORLD = 2
 LR = 1e-4  # one SGD step at the spec's head learning rate: the update is -LR x the gradient
 # Per process batch 8 (global 16 on 2 ranks); eval batches of 4 split the 12 val images over both ranks.
@@ -80,21 +81,11 @@ def test_gather_and_global_bn_are_the_identity_in_one_process():
 
 # ---------------------------------------------------------------- two spawned processes: the gradient maths
 
-def _ids(batch: int, seed: int = 0) -> torch.Tensor:
-    """SOT, random words, EOT, zero padding; caption lengths vary."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(batch, 77, dtype=torch.long)
-    ids[:, 0] = SOT
-    for b, eot in enumerate(torch.randint(3, 40, (batch,), generator=g).tolist()):
-        ids[b, 1:eot] = torch.randint(1, SOT, (eot - 1,), generator=g)
-        ids[b, eot] = EOT
-    return ids
-
 
 def _batch():
     """8 pairs; identities repeat within and across the two halves (positives on both sides of the split)."""
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    return images, _ids(8), torch.tensor([0, 1, 2, 0, 3, 1, 2, 4])
+    return images, random_caption_ids(8), torch.tensor([0, 1, 2, 0, 3, 1, 2, 4])
 
 
 def _model(sync_bn=False, gather_features=False) -> CFine:
@@ -122,7 +113,7 @@ def _eval_data() -> EvalData:
     """6 gallery images in loader batches of 4 (shards of 4 and 2 rows) and 5 queries (one batch: rank 1 gets none)."""
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     loader = DataLoader([{"images": image} for image in images], batch_size=4)
-    return EvalData("val", loader, torch.arange(6) % 3, [], _ids(5, seed=3), torch.tensor([0, 1, 2, 0, 1]), [])
+    return EvalData("val", loader, torch.arange(6) % 3, [], random_caption_ids(5, seed=3), torch.tensor([0, 1, 2, 0, 1]), [])
 
 
 def _ddp_worker(rank: int, tmp: str):
@@ -163,14 +154,6 @@ def spawned(tmp_path_factory):
     mp.spawn(_ddp_worker, args=(str(tmp),), nprocs=WORLD, join=True)
     return {f"{mode}{rank}": torch.load(tmp / f"{mode}_rank{rank}.pt", weights_only=False)
             for mode in ("global", "local", "eval") for rank in range(WORLD)}
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_gather_features_and_sync_bn_equal_one_process_on_the_concatenated_batch(spawned):

@@ -6,29 +6,9 @@ import torch
 
 from clip.model import CLIP, CLIPConfig
 from models import CFine, CFineConfig, retrieval_features
+from tests.conftest import random_caption_ids
 
-SOT, EOT = 49406, 49407
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run each test on one intra-op thread, then restore the setting."""
-    # Tiny tensors gain nothing from threads; on a busy 2-core runner OpenMP spin-waits made them 50x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _ids(batch: int, seed: int = 0) -> torch.Tensor:
-    """Synthetic CLIP token ids: SOT, random words, EOT, zero padding; caption lengths vary."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(batch, 77, dtype=torch.long)
-    ids[:, 0] = SOT
-    for b, eot in enumerate(torch.randint(3, 40, (batch,), generator=g).tolist()):
-        ids[b, 1:eot] = torch.randint(1, SOT, (eot - 1,), generator=g)
-        ids[b, eot] = EOT
-    return ids
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _model(num_classes=4, seed=0) -> CFine:
@@ -39,7 +19,7 @@ def _model(num_classes=4, seed=0) -> CFine:
 def test_tiny_cfine_loss_falls_on_a_fixed_batch():
     model = _model().train()
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    ids, pids = _ids(8), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    ids, pids = random_caption_ids(8), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     history = []
     for _ in range(30):
@@ -56,7 +36,7 @@ def test_tiny_cfine_loss_falls_on_a_fixed_batch():
 
 def test_output_is_named_and_shaped():
     model = _model().train()
-    out = model(torch.randn(4, 3, 32, 32), _ids(4), torch.tensor([0, 1, 2, 3]))
+    out = model(torch.randn(4, 3, 32, 32), random_caption_ids(4), torch.tensor([0, 1, 2, 3]))
     assert out.image_features.shape == out.text_features.shape == (4, 3, 64)
     assert out.loss.ndim == 0 and out.loss.requires_grad
     assert all(not v.requires_grad for v in out.losses.values())
@@ -64,7 +44,7 @@ def test_output_is_named_and_shaped():
 
 def test_encode_apart_equals_the_joint_forward_in_eval():
     model = _model().eval()
-    images, ids = torch.randn(5, 3, 32, 32), _ids(5)
+    images, ids = torch.randn(5, 3, 32, 32), random_caption_ids(5)
     with torch.no_grad():
         joint = model(images, ids, torch.arange(5) % 4)
         assert joint.loss is None
@@ -89,7 +69,7 @@ def test_retrieval_features_concat_and_global():
 def test_bf16_autocast_full_model_gives_fp32_loss_and_finite_gradients():
     model = _model().train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(torch.randn(4, 3, 32, 32), _ids(4), torch.tensor([0, 1, 1, 2]))
+        out = model(torch.randn(4, 3, 32, 32), random_caption_ids(4), torch.tensor([0, 1, 1, 2]))
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -7,18 +7,10 @@ from models import CFineConfig, CFineHead
 from models.similarity import cross_grained_similarity, fine_grained_similarity
 from tests import cfine_reference as ref
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 WIDTH, IMAGE_TOKENS, TEXT_LENGTH = 64, 50, 77
 PARTS = ("cmpm", "cmpc", "diversity", "ranking")
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run each test on one intra-op thread, then restore the setting."""
-    # Tiny tensors gain nothing from threads; on a busy 2-core runner OpenMP spin-waits made them 50x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _close(actual, expected):
