@@ -162,7 +162,8 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -176,7 +177,7 @@ def download(name: str, root: str | os.PathLike | None = None) -> Path:
     root = Path(root) if root else default_cache_dir()
     target = root / file
     if target.is_file():
-        if _sha256(target) == sha:
+        if sha256_file(target) == sha:
             return target
         problem = f"{target} exists but its SHA256 does not match the release (truncated or corrupt)"
     else:
@@ -193,7 +194,7 @@ def download(name: str, root: str | os.PathLike | None = None) -> Path:
                 for block in iter(lambda: source.read(1 << 20), b""):
                     out.write(block)
                     bar.update(len(block))
-        if _sha256(Path(tmp)) != sha:
+        if sha256_file(Path(tmp)) != sha:
             raise CheckpointError(f"{url}: the downloaded file's SHA256 does not match; try again")
         os.replace(tmp, target)
     except (urllib.error.URLError, OSError) as error:

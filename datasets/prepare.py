@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clip.loading import sha256_file
 from datasets import BENCHMARKS, PARSERS
 from datasets.base import DataError, Parsed
 from datasets.images import ImageReport, check_images, default_workers
@@ -40,15 +41,6 @@ class Prepared:
     files: dict[str, bytes] = field(default_factory=dict)  # file name -> content, meta.json last
     notes: list[str] = field(default_factory=list)
     up_to_date: bool = False
-
-
-def sha256_file(path: Path) -> str:
-    """SHA256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def input_fingerprint(parsed: Parsed, annotation_sha: str, options: dict) -> str:
