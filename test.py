@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from datasets.base import DataError
 from datasets.build import available_splits, build_eval_data
 from models.cfine import CFine, retrieval_features
 from models.config import CFineConfig
@@ -79,13 +80,17 @@ def main(args: argparse.Namespace) -> int:
     dataset = args.dataset or train_args.get("dataset")
     data_root = args.data_root or train_args.get("data_root", "processed_data")
     processed = Path(data_root) / dataset
-    if args.split not in available_splits(processed):
-        raise SystemExit(f"{processed} has no {args.split} split (it has: {', '.join(available_splits(processed))})")
     amp = resolve_amp(args.amp, device)
     image_size = tuple(model.config.clip.vision.image_size)
     workers = distributed.loader_workers(args.workers, info)
-    data = build_eval_data(processed, args.split, image_size=image_size, batch_size=args.batch_size,
-                           workers=workers, mean_std=train_args.get("mean_std", "clip"))
+    try:
+        splits = available_splits(processed)
+        if args.split not in splits:
+            raise SystemExit(f"{processed} has no {args.split} split (it has: {', '.join(splits)})")
+        data = build_eval_data(processed, args.split, image_size=image_size, batch_size=args.batch_size,
+                               workers=workers, mean_std=train_args.get("mean_std", "clip"))
+    except DataError as error:
+        raise SystemExit(f"--data_root/--dataset: {error}") from None
     out_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent / f"eval_{args.split}"
     encoded = encode_split(model, data, device, amp, args.batch_size, progress=info.is_main and not args.no_progress)
     results = score_split(encoded)

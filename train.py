@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 import clip
+from datasets.base import DataError
 from datasets.build import available_splits, build_eval_data, build_train_loader
 from models.cfine import CFine
 from models.config import CFineConfig
@@ -215,15 +216,18 @@ def main(args: argparse.Namespace) -> int:
     workers = distributed.loader_workers(args.workers, info)
 
     processed = Path(args.data_root) / args.dataset
-    splits = available_splits(processed)
-    eval_split = "val" if "val" in splits else "test"
+    try:
+        splits = available_splits(processed)
+        eval_split = "val" if "val" in splits else "test"
+        loader = build_train_loader(processed, image_size=tuple(args.image_size), batch_size=args.batch_size,
+                                    workers=workers, mean_std=args.mean_std, seed=args.seed,
+                                    num_replicas=info.world_size, rank=info.rank)
+        eval_data = build_eval_data(processed, eval_split, image_size=tuple(args.image_size),
+                                    batch_size=args.eval_batch_size, workers=workers, mean_std=args.mean_std)
+    except (DataError, ValueError) as error:  # processed data missing or damaged, batch larger than the data
+        raise SystemExit(f"--data_root/--dataset: {error}") from None
     if info.is_main and eval_split == "test":
         print(f"{args.dataset} has no val split: evaluating and selecting best.pt on the TEST split")
-    loader = build_train_loader(processed, image_size=tuple(args.image_size), batch_size=args.batch_size,
-                                workers=workers, mean_std=args.mean_std, seed=args.seed,
-                                num_replicas=info.world_size, rank=info.rank)
-    eval_data = build_eval_data(processed, eval_split, image_size=tuple(args.image_size),
-                                batch_size=args.eval_batch_size, workers=workers, mean_std=args.mean_std)
 
     if resume_state is not None:
         model = CFine(CFineConfig.from_dict(resume_state["config"]))

@@ -43,7 +43,7 @@ class Benchmark:
         names = " or ".join(self.annotation_names)
         raise DataError(
             f"{self.name}: no annotation file {names} in {dataset_dir}. The expected layout is "
-            f"{dataset_dir}/{self.annotation_names[0]} next to {dataset_dir}/imgs/ (see DATASETS.md)."
+            f"{dataset_dir}/{self.annotation_names[0]} next to {dataset_dir}/imgs/ (see the README, section Data)."
         )
 
 

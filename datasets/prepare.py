@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if not args.root.is_dir():
         print(f"data.sh: error: dataset root {args.root} is not a folder. Pass the folder that holds "
-              "CUHK-PEDES/, ICFG-PEDES/ or RSTPReid/ (see DATASETS.md).", file=sys.stderr)
+              "CUHK-PEDES/, ICFG-PEDES/ or RSTPReid/ (see the README, section Data).", file=sys.stderr)
         return 1
     names = list(BENCHMARKS) if args.name == "all" else [args.name]
     workers = args.workers or default_workers()
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"(nor in {args.root}). Pass the folder that contains {args.name}/.")
     elif not prepared and not errors:
         errors.append(f"no benchmark found under {args.root}: expected {', '.join(f'{n}/' for n in names)} "
-                      "with its annotation file (see DATASETS.md).")
+                      "with its annotation file (see the README, section Data).")
     if errors:
         print("data.sh: error: " + " ".join(errors) + f" Nothing was written; {args.out} is unchanged.",
               file=sys.stderr)

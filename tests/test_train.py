@@ -127,3 +127,13 @@ def test_repository_configs_parse_and_hold_the_spec_hyperparameters():
         assert (args.warmup_epochs, args.warmup_start, args.milestones, args.seed) == (10, 0.01, [20, 25, 35], 42)
     demo = train.parse_args(["--config", str(REPO / "configs" / "demo.json")])
     assert demo.clip == "none" and demo.clip_arch == "tiny"
+
+
+def test_missing_processed_data_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match=r"does not exist: run `bash data\.sh"):
+        run_train(tmp_path / "nowhere", tmp_path / "out", "--epochs", "1")
+
+
+def test_batch_larger_than_the_data_is_a_clear_error(processed_root, tmp_path):
+    with pytest.raises(SystemExit, match="fewer than one batch"):
+        run_train(processed_root, tmp_path / "out", "--epochs", "1", "--batch_size", "100000")
