@@ -37,12 +37,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train CFine (text-to-image person retrieval)", add_help=True)
     parser.add_argument("--config", help="JSON file in configs/ whose keys are these flags; explicit flags override it")
     parser.add_argument("--dataset", default="CUHK-PEDES", help="CUHK-PEDES, ICFG-PEDES or RSTPReid")
-    parser.add_argument("--data_root", default="processed_data", help="folder that data.sh wrote <dataset>/ into")
+    parser.add_argument("--data_root", default=None,
+                        help="folder that data.sh wrote <dataset>/ into (default: processed_data; on --resume: the run's)")
     parser.add_argument("--clip", default="ViT-B/16",
                         help="pretrained CLIP: a released name (ViT-B/16, ...), a checkpoint path, or 'none' for random weights")
     parser.add_argument("--clip_arch", default="vit_b16", choices=["vit_b16", "tiny"],
                         help="architecture built when --clip none (tiny: the CPU demo's small CLIP-shaped model)")
-    parser.add_argument("--output_dir", default="runs/cfine")
+    parser.add_argument("--output_dir", default=None, help="default: runs/cfine; on --resume: the checkpoint's folder")
     parser.add_argument("--image_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
     parser.add_argument("--mean_std", default="clip", choices=["clip", "imagenet"], help="image normalisation")
     parser.add_argument("--batch_size", type=int, default=32,
@@ -209,6 +210,10 @@ def main(args: argparse.Namespace) -> int:
         for key in RUN_DEFINING:  # the run's own settings win over the command line
             if key in resume_state["args"]:
                 setattr(args, key, resume_state["args"][key])
+        args.data_root = args.data_root or resume_state["args"].get("data_root")
+        args.output_dir = args.output_dir or str(Path(args.resume).parent)
+    args.data_root = args.data_root or "processed_data"
+    args.output_dir = args.output_dir or "runs/cfine"
     amp = resolve_amp(args.amp, device)
     seed_everything(args.seed)
     output_dir = Path(args.output_dir)

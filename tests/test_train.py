@@ -137,3 +137,13 @@ def test_missing_processed_data_is_a_clear_error(tmp_path):
 def test_batch_larger_than_the_data_is_a_clear_error(processed_root, tmp_path):
     with pytest.raises(SystemExit, match="fewer than one batch"):
         run_train(processed_root, tmp_path / "out", "--epochs", "1", "--batch_size", "100000")
+
+
+def test_resume_defaults_to_the_runs_data_and_folder(processed_root, tmp_path):
+    out = tmp_path / "run"
+    assert run_train(processed_root, out, "--epochs", "1") == 0
+    args = train.parse_args(["--resume", str(out / "last.pt"), "--epochs", "2", *TINY_TRAIN_FLAGS])
+    assert args.data_root is None and args.output_dir is None
+    assert train.main(args) == 0
+    assert args.data_root == str(processed_root) and args.output_dir == str(out)
+    assert [r["epoch"] for r in rows(out)] == [1, 2]
