@@ -147,3 +147,18 @@ def test_resume_defaults_to_the_runs_data_and_folder(processed_root, tmp_path):
     assert train.main(args) == 0
     assert args.data_root == str(processed_root) and args.output_dir == str(out)
     assert [r["epoch"] for r in rows(out)] == [1, 2]
+
+
+def test_clip_path_loads_pretrained_weights_into_the_encoders(tmp_path):
+    from clip.config import CLIPConfig
+    from clip.model import CLIP
+
+    torch.manual_seed(7)
+    pretrained = CLIP(CLIPConfig.tiny(image_size=(64, 32)))
+    torch.save({"state_dict": pretrained.state_dict()}, tmp_path / "tiny_clip.pt")
+    args = train.parse_args(["--clip", str(tmp_path / "tiny_clip.pt"), "--image_size", "64", "32"])
+    model = train.build_model(args, num_classes=7)
+    assert_same_weights(model.clip.state_dict(), pretrained.state_dict())
+    assert model.config.num_classes == 7 and model.config.clip == pretrained.config
+    with pytest.raises(SystemExit, match="--clip: .*no-such.pt"):
+        train.build_model(train.parse_args(["--clip", str(tmp_path / "no-such.pt")]), num_classes=7)
