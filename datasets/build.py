@@ -9,7 +9,6 @@ worker restarts never change a batch. Call `loader.sampler.set_epoch(epoch)` bef
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clip.tokenizer import tokenize
+from datasets.images import usable_cpus
 from datasets.processed import SplitRecords, available_splits, load_split
 from datasets.sampler import EpochSampler
 from datasets.transforms import ImageTransform, load_rgb
@@ -24,10 +24,9 @@ from datasets.transforms import ImageTransform, load_rgb
 __all__ = ["EvalData", "available_splits", "build_eval_data", "build_train_loader"]
 
 
-def default_workers() -> int:
-    """Loader processes: one core left for the training process, at most 8."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(8, max(0, cpus - 1))
+def default_workers(processes: int = 1) -> int:
+    """Loader processes per training process: its share of the cores minus one for itself, at most 8."""
+    return min(8, max(0, usable_cpus() // processes - 1))
 
 
 def flip_coin(seed: int, epoch: int, index: int) -> bool:

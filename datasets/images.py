@@ -34,14 +34,14 @@ def check_image(path: str) -> tuple[str, str | None, tuple[int, int] | None]:
         return "", f"does not decode ({type(err).__name__}: {err})", None
 
 
-def default_workers() -> int:
-    """All cores this process may use."""
+def usable_cpus() -> int:
+    """All cores this process may use (its CPU affinity where the OS reports one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def check_images(root: Path, relpaths: list[str], workers: int | None = None, desc: str = "images") -> ImageReport:
     """Decode every `root/relpath` in parallel (ProcessPoolExecutor, chunked) and collect failures."""
-    workers = workers or default_workers()
+    workers = workers or usable_cpus()
     paths = [str(root / rel) for rel in relpaths]
     report = ImageReport()
     bar = tqdm(total=len(paths), desc=desc, unit="img", mininterval=0.5, dynamic_ncols=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 from clip.loading import sha256_file
 from datasets import BENCHMARKS, PARSERS
 from datasets.base import DataError, Parsed
-from datasets.images import ImageReport, check_images, default_workers
+from datasets.images import ImageReport, check_images, usable_cpus
 from datasets.validate import RecordReport, clean_records, describe_indices
 
 FORMAT_VERSION = 1
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
               "CUHK-PEDES/, ICFG-PEDES/ or RSTPReid/ (see the README, section Data).", file=sys.stderr)
         return 1
     names = list(BENCHMARKS) if args.name == "all" else [args.name]
-    workers = args.workers or default_workers()
+    workers = args.workers or usable_cpus()
     prepared, errors, missing = [], [], []
     for name in names:
         dataset_dir = locate(args.root, name)

@@ -17,11 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from utils.distributed import get_rank, get_world_size
 
 
 def _all_gather(tensor: torch.Tensor, world: int) -> torch.Tensor:
@@ -36,7 +32,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        rank, world = _world()
+        rank, world = get_rank(), get_world_size()
         ctx.rank, ctx.rows = rank, tensor.shape[0]
         return _all_gather(tensor, world)
 
@@ -52,7 +48,7 @@ def gather_batch(tensor: torch.Tensor) -> torch.Tensor:
 
     The identity in a single process, so code that calls it keeps its one-process numbers exactly.
     """
-    _, world = _world()
+    world = get_world_size()
     if world == 1:
         return tensor
     return _AllGather.apply(tensor) if tensor.requires_grad else _all_gather(tensor, world)
@@ -67,7 +63,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rank, world = _world()
+        rank, world = get_rank(), get_world_size()
         if world == 1 or not self.training:
             return super().forward(x)
         rows = x.shape[0]

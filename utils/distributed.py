@@ -57,8 +57,9 @@ def loader_workers(requested: int | None, info: DistInfo) -> int | None:
     """--workers as given; by default (None) under torchrun the node's cores shared among its training processes."""
     if requested is not None or not info.enabled:
         return requested  # None: the loaders' own default (cores - 1, at most 8)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(8, max(0, cpus // info.local_world_size - 1))
+    from datasets.build import default_workers  # here, so models/ importing this module does not load datasets/
+
+    return default_workers(processes=info.local_world_size)
 
 
 def get_rank() -> int:
@@ -71,11 +72,6 @@ def get_world_size() -> int:
 
 def is_main_process() -> bool:
     return get_rank() == 0
-
-
-def barrier() -> None:
-    if get_world_size() > 1:
-        dist.barrier()
 
 
 def cleanup() -> None:
