@@ -20,6 +20,13 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+def quickgelu_mlp(width: int) -> nn.Sequential:
+    """CLIP's 4x MLP: c_fc, QuickGELU, c_proj (OpenAI's state-dict names)."""
+    return nn.Sequential(
+        OrderedDict([("c_fc", nn.Linear(width, 4 * width)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(4 * width, width))])
+    )
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention storing weights like nn.MultiheadAttention (in_proj_*, out_proj)."""
 
@@ -65,11 +72,7 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(width)
         self.attn = SelfAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(
-            OrderedDict(
-                [("c_fc", nn.Linear(width, 4 * width)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(4 * width, width))]
-            )
-        )
+        self.mlp = quickgelu_mlp(width)
 
     def forward(self, x: torch.Tensor, causal: bool = False, row_index: torch.Tensor | None = None):
         attended, row = self.attn(self.ln_1(x), causal, row_index)

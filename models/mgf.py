@@ -8,13 +8,12 @@ the queries instead of being applied to every one of the N memory tokens (N x D 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip.transformer import QuickGELU
+from clip.transformer import quickgelu_mlp
 
 
 class FoldedAttention(nn.Module):
@@ -63,11 +62,7 @@ class ResidualCrossAttentionBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(width)
         self.cross_attn = FoldedAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(
-            OrderedDict(
-                [("c_fc", nn.Linear(width, 4 * width)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(4 * width, width))]
-            )
-        )
+        self.mlp = quickgelu_mlp(width)
 
     def forward(
         self, x: torch.Tensor, memory: torch.Tensor, key_padding_mask: torch.Tensor | None = None
