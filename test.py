@@ -61,8 +61,8 @@ def visualize(encoded, data, out_dir: Path, count: int, top: int = 10) -> list[P
     pages = []
     for rank, q in enumerate(picks.tolist()):
         scores = gallery @ queries[q]
-        order = torch.sort(scores, descending=True, stable=True).indices[:top].cpu()
-        matches = (encoded.gallery_pids[order.to(encoded.gallery_pids.device)] == encoded.query_pids[q]).tolist()
+        order = torch.sort(scores, descending=True, stable=True).indices[:top]  # ties: lower index first, as the metrics
+        matches = (encoded.gallery_pids[order] == encoded.query_pids[q]).tolist()
         path = out_dir / f"query_{rank:03d}.png"
         ranking_page(data.query_captions[q], [data.gallery_paths[i] for i in order.tolist()], matches, path,
                      title=f"query {q} (id {int(encoded.query_pids[q])}): top {top} of {len(gallery)}")
