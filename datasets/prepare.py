@@ -98,7 +98,7 @@ def _notes(parsed: Parsed, report: RecordReport, images: ImageReport) -> list[st
         pairs = ", ".join(f"{d} (= {f})" for d, f in report.exact_duplicates[:10])
         notes.append(f"dropped {len(report.exact_duplicates)} exact duplicate record(s): {pairs}.")
     if images.bad:
-        listed = "; ".join(f"imgs/{rel}: {why}" for rel, why in images.bad[:10])
+        listed = _first_bad_images(images)
         notes.append(f"--skip-bad-images dropped {len(images.bad)} record(s) with bad images ({listed}).")
     odd_modes = {m: n for m, n in images.modes.items() if m != "RGB"}
     if odd_modes:
@@ -106,6 +106,11 @@ def _notes(parsed: Parsed, report: RecordReport, images: ImageReport) -> list[st
     if images.small:
         notes.append(f"{images.small} image(s) are smaller than 16 px on a side (kept, resized when loaded).")
     return notes
+
+
+def _first_bad_images(images: ImageReport) -> str:
+    """The first 10 missing or undecodable images, with why, for a message."""
+    return "; ".join(f"imgs/{rel}: {why}" for rel, why in images.bad[:10])
 
 
 def prepare(dataset_dir: Path, name: str, out: Path, *, workers: int | None, skip_bad_images: bool,
@@ -128,7 +133,7 @@ def prepare(dataset_dir: Path, name: str, out: Path, *, workers: int | None, ski
         problems.append(f"({len(report.errors) - 10} more conflicting duplicates.)")
     images = check_images(parsed.image_root, [r.image for r in records], workers, desc=f"{name}: checking images")
     if images.bad and not skip_bad_images:
-        listed = "; ".join(f"imgs/{rel}: {why}" for rel, why in images.bad[:10])
+        listed = _first_bad_images(images)
         problems.append(
             f"{len(images.bad)} of {len(records)} images under {parsed.image_root} are missing or do not decode "
             f"(first {min(10, len(images.bad))}: {listed}). Restore them from the dataset's distribution, "
