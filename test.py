@@ -15,10 +15,9 @@ import torch
 
 from datasets.base import DataError
 from datasets.build import available_splits, build_eval_data
-from models.cfine import CFine, retrieval_features
-from models.config import CFineConfig
+from models.cfine import retrieval_features
 from utils import distributed
-from utils.checkpoint import CheckpointFileError, load_checkpoint, write_json
+from utils.checkpoint import CheckpointFileError, load_model, write_json
 from utils.evaluation import encode_split, format_table, score_split
 from utils.training import resolve_amp
 from utils.visualize import plot_training_curves, ranking_page
@@ -40,17 +39,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", action="store_true", help="also plot training curves from the run's metrics.jsonl")
     parser.add_argument("--no_progress", action="store_true")
     return parser
-
-
-def load_model(path: str, device: torch.device) -> tuple[CFine, dict]:
-    """CFine rebuilt from the config stored in a train.py checkpoint, weights loaded strictly."""
-    state = load_checkpoint(path)
-    try:
-        model = CFine(CFineConfig.from_dict(state["config"]))
-        model.load_state_dict(state["model"], strict=True)
-    except (KeyError, ValueError, RuntimeError) as error:
-        raise CheckpointFileError(f"{path}: its weights do not match the CFine model it describes ({error})") from None
-    return model.to(device).eval(), state
 
 
 def visualize(encoded, data, out_dir: Path, count: int, top: int = 10) -> list[Path]:

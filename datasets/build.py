@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from clip.tokenizer import tokenize
 from datasets.images import usable_cpus
 from datasets.processed import SplitRecords, available_splits, load_split
 from datasets.sampler import EpochSampler
 from datasets.transforms import ImageTransform, load_rgb
+from models.tokenization import CaptionTokenizer, clip_token_ids
 
 __all__ = ["EvalData", "available_splits", "build_eval_data", "build_train_loader"]
 
@@ -37,7 +37,8 @@ def flip_coin(seed: int, epoch: int, index: int) -> bool:
 class TrainPairs(Dataset):
     """One item per (image, caption) pair; pids re-numbered 0..C-1 in sorted order of the original ids."""
 
-    def __init__(self, split: SplitRecords, transform: ImageTransform, seed: int = 42):
+    def __init__(self, split: SplitRecords, transform: ImageTransform, seed: int = 42,
+                 tokenizer: CaptionTokenizer = clip_token_ids):
         records = split.records
         self.image_paths = [str(split.image_root / r["image"]) for r in records]
         original = sorted({r["pid"] for r in records})
@@ -46,7 +47,7 @@ class TrainPairs(Dataset):
         image_of_pair = [i for i, r in enumerate(records) for _ in r["captions"]]
         self.pair_image = torch.tensor(image_of_pair, dtype=torch.long)
         self.pids = torch.tensor([self.pid_map[records[i]["pid"]] for i in image_of_pair], dtype=torch.long)
-        self.tokens = tokenize([c for r in records for c in r["captions"]], truncate=True)
+        self.tokens = tokenizer([c for r in records for c in r["captions"]])
         self.transform, self.seed, self.epoch = transform, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -84,7 +85,7 @@ class EvalData:
     gallery_loader: DataLoader
     gallery_pids: torch.Tensor  # (G,) long, original ids
     gallery_paths: list[str]  # absolute, for visualisation
-    query_tokens: torch.Tensor  # (Q, 77) long
+    query_tokens: torch.Tensor  # (Q, L) long: 77 CLIP ids, or 100 BERT ids
     query_pids: torch.Tensor  # (Q,) long
     query_captions: list[str]
 
@@ -98,9 +99,10 @@ def _loader_kwargs(workers: int | None, pin_memory: bool | None, persistent: boo
 
 def build_train_loader(processed_dir: Path, *, image_size: tuple[int, int] = (224, 224), batch_size: int = 32,
                        workers: int | None = None, mean_std: str = "clip", seed: int = 42, num_replicas: int = 1,
-                       rank: int = 0, pin_memory: bool | None = None) -> DataLoader:
+                       rank: int = 0, pin_memory: bool | None = None,
+                       tokenizer: CaptionTokenizer = clip_token_ids) -> DataLoader:
     """Shuffled, flipped training batches {"images", "tokens", "pids"}; `loader.dataset.num_classes` = C."""
-    dataset = TrainPairs(load_split(processed_dir, "train"), ImageTransform(image_size, mean_std), seed)
+    dataset = TrainPairs(load_split(processed_dir, "train"), ImageTransform(image_size, mean_std), seed, tokenizer)
     sampler = EpochSampler(len(dataset), batch_size, seed=seed, num_replicas=num_replicas, rank=rank)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                       **_loader_kwargs(workers, pin_memory, persistent=True))
@@ -108,7 +110,7 @@ def build_train_loader(processed_dir: Path, *, image_size: tuple[int, int] = (22
 
 def build_eval_data(processed_dir: Path, split: str, *, image_size: tuple[int, int] = (224, 224),
                     batch_size: int = 64, workers: int | None = None, mean_std: str = "clip",
-                    pin_memory: bool | None = None) -> EvalData:
+                    pin_memory: bool | None = None, tokenizer: CaptionTokenizer = clip_token_ids) -> EvalData:
     """Gallery (each image once, no shuffle, no drop) and queries (every caption, tokenised once) of `split`."""
     data = load_split(processed_dir, split)
     records = data.records
@@ -119,4 +121,4 @@ def build_eval_data(processed_dir: Path, split: str, *, image_size: tuple[int, i
     gallery = GalleryImages(paths, gallery_pids, ImageTransform(image_size, mean_std))
     loader = DataLoader(gallery, batch_size=batch_size, shuffle=False, drop_last=False,
                         **_loader_kwargs(workers, pin_memory, persistent=False))
-    return EvalData(split, loader, gallery_pids, paths, tokenize(captions, truncate=True), query_pids, captions)
+    return EvalData(split, loader, gallery_pids, paths, tokenizer(captions), query_pids, captions)

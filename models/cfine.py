@@ -9,6 +9,7 @@ from clip.model import CLIP
 
 from .config import CFineConfig
 from .head import CFineHead, CFineOutput
+from .tokenization import caption_tokenizer, clip_token_count, warn_if_truncated
 
 
 def retrieval_features(features: torch.Tensor, mode: str = "concat") -> torch.Tensor:
@@ -29,6 +30,12 @@ class CFine(nn.Module):
         self.clip = CLIP(config.clip)
         self.clip.logit_scale.requires_grad_(False)  # CLIP's contrastive temperature is not used by CFine
         self.head = CFineHead(config)
+
+    def tokenize(self, captions: list[str], warn_truncated: bool = False) -> torch.Tensor:
+        """Token ids for this model's text encoder, (N, L) long; over-long captions are truncated (warned if asked)."""
+        if warn_truncated:
+            warn_if_truncated(captions, [clip_token_count(c) for c in captions], self.config.clip.text.context_length)
+        return caption_tokenizer("clip")(captions)
 
     def load_clip_weights(self, source: nn.Module | dict[str, torch.Tensor]) -> None:
         """Copy pretrained CLIP weights (a CLIP module or its state dict) into the encoders, strictly."""

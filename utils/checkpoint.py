@@ -9,6 +9,9 @@ from typing import Any
 
 import torch
 
+from models.cfine import CFine
+from models.config import CFineConfig
+
 FORMAT = "cfine-checkpoint-v1"
 
 
@@ -71,3 +74,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             "To start from CLIP weights use train.py --clip instead"
         )
     return state
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CFine, dict[str, Any]]:
+    """CFine rebuilt from the config stored in a train.py checkpoint, weights loaded strictly, in eval mode.
+
+    Returns (model, checkpoint dict). Used by test.py and search.py; errors name the file.
+    """
+    state = load_checkpoint(path)
+    try:
+        model = CFine(CFineConfig.from_dict(state["config"]))
+        model.load_state_dict(state["model"], strict=True)
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:
+        raise CheckpointFileError(f"{path}: its weights do not match the CFine model it describes ({error})") from None
+    return model.to(device).eval(), state
