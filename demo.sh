@@ -5,6 +5,8 @@
 # Everything lands in demo_run/ (override with DEMO_DIR=...). Extra arguments go to train.py.
 set -euo pipefail
 cd "$(dirname "$0")"
+train_args=("$@")
+set --  # a sourced script sees the caller's arguments: give setup_env.sh none
 source scripts/setup_env.sh
 set +u
 DEMO_DIR="${DEMO_DIR:-demo_run}"
@@ -22,7 +24,7 @@ bash data.sh "$DEMO_DIR/raw" CUHK-PEDES --out "$DEMO_DIR/processed_data"
 
 echo "== 3/4 train.py --config configs/demo.json"
 python train.py --config configs/demo.json --data_root "$DEMO_DIR/processed_data" \
-    --output_dir "$DEMO_DIR/train" "$@"
+    --output_dir "$DEMO_DIR/train" "${train_args[@]}"
 
 echo "== 4/4 test.py on the test split, with visualisations and training curves"
 python test.py --checkpoint "$DEMO_DIR/train/best.pt" --split test --visualize 8 --plot

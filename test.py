@@ -76,7 +76,8 @@ def main(args: argparse.Namespace) -> int:
         if args.split not in splits:
             raise SystemExit(f"{processed} has no {args.split} split (it has: {', '.join(splits)})")
         data = build_eval_data(processed, args.split, image_size=image_size, batch_size=args.batch_size,
-                               workers=workers, mean_std=train_args.get("mean_std", "clip"))
+                               workers=workers, mean_std=train_args.get("mean_std", "clip"),
+                               tokenizer=model.tokenize)
     except DataError as error:
         raise SystemExit(f"--data_root/--dataset: {error}") from None
     out_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent / f"eval_{args.split}"

@@ -22,13 +22,14 @@ from models.cfine import CFine
 from models.config import CFineConfig
 from models.gather import convert_to_global_bn
 from models.optim import build_optimizer
+from models.tokenization import caption_tokenizer
 from utils import distributed
 from utils.checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
 from utils.evaluation import encode_split, format_table, score_split
 from utils.training import NonFiniteGuard, StopRequest, autocast, resolve_amp, rng_state, seed_everything, set_rng_state
 
 # Flags a resumed run takes from its checkpoint, whatever the command line says (they define the run).
-RUN_DEFINING = ("dataset", "clip", "clip_arch", "image_size", "mean_std", "batch_size", "seed", "lr_head", "lr_image",
+RUN_DEFINING = ("dataset", "text_encoder", "clip", "clip_arch", "image_size", "mean_std", "batch_size", "seed", "lr_head", "lr_image",
                 "lr_text", "wd_image", "warmup_epochs", "warmup_start", "milestones", "gamma", "cmpm_weights",
                 "cmpc_weights", "diversity_weight", "ranking_weight", "margin", "gather_features", "sync_bn")
 
@@ -43,6 +44,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="pretrained CLIP: a released name (ViT-B/16, ...), a checkpoint path, or 'none' for random weights")
     parser.add_argument("--clip_arch", default="vit_b16", choices=["vit_b16", "tiny"],
                         help="architecture built when --clip none (tiny: the CPU demo's small CLIP-shaped model)")
+    parser.add_argument("--text_encoder", default="clip", choices=["clip", "bert"],
+                        help="clip: CLIP's text tower, D=512 (default); bert: the authors' release, BERT-base text and "
+                             "unprojected 768-d image tokens (needs --bert and `pip install -r requirements-bert.txt`)")
+    parser.add_argument("--bert", default=None,
+                        help="with --text_encoder bert: a folder holding bert-base-uncased in Hugging Face layout "
+                             "(config.json, vocab.txt, model.safetensors or pytorch_model.bin); only to start training")
     parser.add_argument("--output_dir", default=None, help="default: runs/cfine; on --resume: the checkpoint's folder")
     parser.add_argument("--image_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
     parser.add_argument("--mean_std", default="clip", choices=["clip", "imagenet"], help="image normalisation")
@@ -106,7 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> CFine:
-    """CFine with pretrained CLIP weights (--clip NAME|PATH) or random ones (--clip none)."""
+    """CFine with pretrained CLIP weights (--clip NAME|PATH) or random ones (--clip none); in bert mode the
+    image tower alone (unprojected) and BERT from --bert (spec §9)."""
     image_size = tuple(args.image_size)
     pretrained = None
     if args.clip.lower() == "none":
@@ -116,13 +124,58 @@ def build_model(args: argparse.Namespace, num_classes: int) -> CFine:
             pretrained, clip_config = clip.load(args.clip, image_size=image_size)
         except clip.CheckpointError as error:
             raise SystemExit(f"--clip: {error}") from None
+    text = {}
+    bert_weights = text_vocab = None
+    if getattr(args, "text_encoder", "clip") == "bert":
+        bert_weights, text_vocab, text = load_bert_for_training(args.bert)
+        clip_config = clip_config.vision_only()
+        if text["bert"].get("hidden_size") != clip_config.vision.width:
+            raise SystemExit(f"--bert {args.bert}: hidden size {text['bert'].get('hidden_size')} differs from the image "
+                             f"tokens' width {clip_config.vision.width}; spec §9 pairs BERT-base (768) with ViT-B/16 (768)")
     model = CFine(CFineConfig(
         clip=clip_config, num_classes=num_classes, cmpm_weights=tuple(args.cmpm_weights),
         cmpc_weights=tuple(args.cmpc_weights), diversity_weight=args.diversity_weight,
-        ranking_weight=args.ranking_weight, margin=args.margin))
+        ranking_weight=args.ranking_weight, margin=args.margin, **text), text_vocab=text_vocab)
     if pretrained is not None:
         model.load_clip_weights(pretrained)
+    if bert_weights is not None:
+        model.bert.load_state_dict(bert_weights.state_dict(), strict=True)
     return model
+
+
+def load_bert_for_training(folder: str | None):
+    """(pretrained BertModel, vocab.txt text, CFineConfig text fields) from a --bert folder; clear errors."""
+    from models.bert_text import BertFolderError, load_pretrained_bert, read_lower_case
+
+    if not folder:
+        raise SystemExit("--text_encoder bert needs --bert FOLDER: bert-base-uncased in Hugging Face layout "
+                         "(config.json, vocab.txt, model.safetensors or pytorch_model.bin)")
+    try:
+        weights, architecture = load_pretrained_bert(folder)
+        vocab = (Path(folder) / "vocab.txt").read_text(encoding="utf-8")
+        lower_case = read_lower_case(Path(folder))
+    except BertFolderError as error:
+        raise SystemExit(str(error)) from None
+    return weights, vocab, {"text_encoder": "bert", "bert": architecture, "bert_lower_case": lower_case}
+
+
+def training_tokenizer(args: argparse.Namespace, resume_state: dict | None):
+    """The caption tokeniser of the run: the checkpoint's (resume), else --text_encoder's (with --bert's vocab)."""
+    if resume_state is not None:
+        config = CFineConfig.from_dict(resume_state["config"])
+        return caption_tokenizer(config.text_encoder, resume_state.get("text_vocab"), config.bert_lower_case,
+                                 config.bert_max_length)
+    if getattr(args, "text_encoder", "clip") == "bert":
+        from models.bert_text import BertFolderError, check_bert_folder, read_lower_case
+
+        if not args.bert:
+            raise SystemExit("--text_encoder bert needs --bert FOLDER (bert-base-uncased in Hugging Face layout)")
+        try:
+            folder = check_bert_folder(args.bert)
+            return caption_tokenizer("bert", (folder / "vocab.txt").read_text(encoding="utf-8"), read_lower_case(folder))
+        except BertFolderError as error:
+            raise SystemExit(str(error)) from None
+    return caption_tokenizer("clip")
 
 
 def agree(loss: torch.Tensor, stop: StopRequest) -> tuple[torch.Tensor, bool | None]:
@@ -221,21 +274,23 @@ def main(args: argparse.Namespace) -> int:
     workers = distributed.loader_workers(args.workers, info)
 
     processed = Path(args.data_root) / args.dataset
+    tokenizer = training_tokenizer(args, resume_state)
     try:
         splits = available_splits(processed)
         eval_split = "val" if "val" in splits else "test"
         loader = build_train_loader(processed, image_size=tuple(args.image_size), batch_size=args.batch_size,
                                     workers=workers, mean_std=args.mean_std, seed=args.seed,
-                                    num_replicas=info.world_size, rank=info.rank)
+                                    num_replicas=info.world_size, rank=info.rank, tokenizer=tokenizer)
         eval_data = build_eval_data(processed, eval_split, image_size=tuple(args.image_size),
-                                    batch_size=args.eval_batch_size, workers=workers, mean_std=args.mean_std)
+                                    batch_size=args.eval_batch_size, workers=workers, mean_std=args.mean_std,
+                                    tokenizer=tokenizer)
     except (DataError, ValueError) as error:  # processed data missing or damaged, batch larger than the data
         raise SystemExit(f"--data_root/--dataset: {error}") from None
     if info.is_main and eval_split == "test":
         print(f"{args.dataset} has no val split: evaluating and selecting best.pt on the TEST split")
 
     if resume_state is not None:
-        model = CFine(CFineConfig.from_dict(resume_state["config"]))
+        model = CFine(CFineConfig.from_dict(resume_state["config"]), text_vocab=resume_state.get("text_vocab"))
     else:
         model = build_model(args, loader.dataset.num_classes)
     model.to(device)
@@ -285,7 +340,7 @@ def main(args: argparse.Namespace) -> int:
     def checkpoint(epoch: int, step_in_epoch: int) -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch, "rng": rng_state(),
-                "config": model.config.to_dict(), "args": vars(args), "history": history, "best": best,
+                "config": model.config.to_dict(), "text_vocab": model.text_vocab, "args": vars(args), "history": history, "best": best,
                 "eval_split": eval_split, "world_size": info.world_size}
 
     if args.eval_at_start and start_epoch == 0 and start_step == 0 and not history:

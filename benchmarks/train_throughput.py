@@ -3,6 +3,9 @@ on a synthetic batch with random weights, on whatever device is present.
 
     python benchmarks/train_throughput.py --arch vit_b16 --batch 64 --amp bf16      # a GPU: the real shapes
     python benchmarks/train_throughput.py                                          # CPU default: small config
+    python benchmarks/train_throughput.py --arch vit_b16 --batch 8 --steps 3 --warmup 1 --text_encoder clip bert
+With several --text_encoder values each is measured in the same run and compared with the first
+(bert: a random BERT-base, 100 tokens, unprojected 768-d image tokens: the authors' release, spec §9).
 Reference point: the authors' log shows about 71 pairs/s (batch 32, fp32, one RTX 3090).
 """
 from __future__ import annotations
@@ -38,25 +41,54 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--num_classes", type=int, default=11003)
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--text_encoder", nargs="+", choices=["clip", "bert"], default=["clip"],
+                        help="one or more; bert needs `transformers` (requirements-bert.txt)")
     return parser
 
 
-def main(args: argparse.Namespace) -> None:
+def build(args: argparse.Namespace, text_encoder: str, size: tuple[int, int]) -> CFine:
+    """CFine with random weights: CLIP text (D=512, or the tiny width), or BERT-base (tiny: 2 layers, width 64)."""
+    clip_config = CLIPConfig.vit_b16(size) if args.arch == "vit_b16" else CLIPConfig.tiny(size)
+    if text_encoder == "clip":
+        return CFine(CFineConfig(clip=clip_config, num_classes=args.num_classes))
+    import transformers
+
+    from models.bert_text import architecture
+
+    if args.arch == "vit_b16":
+        bert = transformers.BertConfig()  # bert-base-uncased's shape
+    else:
+        bert = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=256)
+    config = CFineConfig(clip=clip_config.vision_only(), text_encoder="bert", bert=architecture(bert.to_dict()),
+                         num_classes=args.num_classes)
+    return CFine(config, text_vocab="[PAD]\n")  # the vocabulary is not used: ids are drawn at random
+
+
+def random_ids(text_encoder: str, batch: int, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """Captions of 8-60 tokens: CLIP [SOT, words, EOT, 0...] (77) or BERT [[CLS], words, [SEP], 0...] (100)."""
+    length, first, last = (77, 49406, 49407) if text_encoder == "clip" else (100, 101, 102)
+    tokens = torch.zeros(batch, length, dtype=torch.long, device=device)
+    lengths = torch.randint(8, 60, (batch,), device=device)
+    positions = torch.arange(length, device=device)
+    words = torch.randint(1000, min(vocab_size, 49000), tokens.shape, device=device)
+    tokens = torch.where(positions < lengths[:, None], words, tokens)
+    tokens[:, 0] = first
+    tokens[torch.arange(batch, device=device), lengths] = last
+    return tokens
+
+
+def measure(args: argparse.Namespace, text_encoder: str) -> float:
+    """Median seconds of one full training step (forward, losses, backward, Adam) after warm-up; prints it."""
     device = torch.device(args.device)
     amp = resolve_amp(args.amp, device)
     size = tuple(args.image_size) if args.image_size else ((224, 224) if args.arch == "vit_b16" else (64, 32))
-    clip_config = CLIPConfig.vit_b16(size) if args.arch == "vit_b16" else CLIPConfig.tiny(size)
     torch.manual_seed(0)
-    model = CFine(CFineConfig(clip=clip_config, num_classes=args.num_classes)).to(device).train()
+    model = build(args, text_encoder, size).to(device).train()
     optimizer, _ = build_optimizer(model)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     images = torch.randn(args.batch, 3, *size, device=device)
-    tokens = torch.zeros(args.batch, 77, dtype=torch.long, device=device)
-    lengths = torch.randint(8, 60, (args.batch,), device=device)
-    positions = torch.arange(77, device=device)
-    tokens = torch.where(positions < lengths[:, None], torch.randint(1, 49000, tokens.shape, device=device), tokens)
-    tokens[:, 0] = 49406
-    tokens[torch.arange(args.batch, device=device), lengths] = 49407
+    vocab = model.config.bert["vocab_size"] if text_encoder == "bert" else 49408
+    tokens = random_ids(text_encoder, args.batch, vocab, device)
     pids = torch.randint(0, max(2, args.batch // 2), (args.batch,), device=device)
 
     def step():
@@ -82,17 +114,27 @@ def main(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - start)
     if not torch.isfinite(loss):
         raise SystemExit(f"the last loss was not finite ({float(loss)}): the measurement is not meaningful")
-    pairs_per_s = args.batch / statistics.median(times)
+    median = statistics.median(times)
+    pairs_per_s = args.batch / median
     if device.type == "cuda":
         peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (max allocated on {torch.cuda.get_device_name()})"
     else:
-        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS)"
-    print(f"arch={args.arch} image={size[0]}x{size[1]} batch={args.batch} amp={amp} device={device} "
-          f"steps={args.steps} (median step {statistics.median(times) * 1000:.1f} ms)")
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS so far)"
+    print(f"text_encoder={text_encoder} arch={args.arch} image={size[0]}x{size[1]} batch={args.batch} amp={amp} "
+          f"device={device} threads={torch.get_num_threads()} steps={args.steps} (median step {median * 1000:.1f} ms)")
     print(f"throughput: {pairs_per_s:.1f} pairs/s; peak memory: {peak}")
     if args.arch == "vit_b16":  # only the real shapes compare with the authors' ViT-B/16 figure
         print(f"vs the authors' ~{AUTHORS_PAIRS_PER_S:.0f} pairs/s (RTX 3090, fp32, batch 32): "
               f"{pairs_per_s / AUTHORS_PAIRS_PER_S:.2f}x (different hardware: indicative only)")
+    return median
+
+
+def main(args: argparse.Namespace) -> None:
+    medians = {name: measure(args, name) for name in args.text_encoder}
+    first = args.text_encoder[0]
+    for name in args.text_encoder[1:]:
+        print(f"step time {name} / {first}: {medians[name] / medians[first]:.2f}x "
+              f"({medians[name]:.3f} s vs {medians[first]:.3f} s)")
 
 
 if __name__ == "__main__":

@@ -39,11 +39,24 @@ class TextConfig:
 
 @dataclass
 class CLIPConfig:
-    """A CLIP ViT: both towers and the width D of the joint embedding space."""
+    """A CLIP ViT: both towers and the width D of the joint embedding space.
 
-    embed_dim: int = 512
+    text=None and embed_dim=None give the image tower alone with unprojected tokens (ln_post output, the vision
+    width): CFine's `bert` mode, where the authors delete the visual projection (spec §9).
+    """
+
+    embed_dim: int | None = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
-    text: TextConfig = field(default_factory=TextConfig)
+    text: TextConfig | None = field(default_factory=TextConfig)
+
+    @property
+    def token_width(self) -> int:
+        """Width of the image tokens the model returns: embed_dim when projected, else the vision width."""
+        return self.vision.width if self.embed_dim is None else self.embed_dim
+
+    def vision_only(self) -> "CLIPConfig":
+        """The same image tower without the text tower and without the visual projection (spec §9)."""
+        return CLIPConfig(embed_dim=None, vision=self.vision, text=None)
 
     def to_dict(self) -> dict:
         """Plain JSON-able form (tuples become lists)."""
@@ -56,7 +69,9 @@ class CLIPConfig:
         """Inverse of to_dict."""
         vision = dict(data["vision"])
         vision["image_size"] = tuple(int(v) for v in vision["image_size"])
-        return cls(embed_dim=int(data["embed_dim"]), vision=VisionConfig(**vision), text=TextConfig(**data["text"]))
+        text = None if data.get("text") is None else TextConfig(**data["text"])
+        embed_dim = None if data.get("embed_dim") is None else int(data["embed_dim"])
+        return cls(embed_dim=embed_dim, vision=VisionConfig(**vision), text=text)
 
     @classmethod
     def vit_b16(cls, image_size: tuple[int, int] = (224, 224)) -> "CLIPConfig":

@@ -13,17 +13,18 @@ __all__ = ["CLIP", "CLIPConfig", "TextConfig", "TokenFeatures", "VisionConfig", 
 
 
 class TokenFeatures(NamedTuple):
-    """Per-token output of one tower, all tokens projected into the joint space."""
+    """Per-token output of one tower (CLIP's, or BERT's in CFine's `bert` mode)."""
 
-    tokens: torch.Tensor  # (B, N, D): ln_post/ln_final then the projection, for every token
+    tokens: torch.Tensor  # (B, N, D): ln_post/ln_final then the projection (if any), for every token
     global_attention: torch.Tensor  # (B, N): last layer's attention row of the global token, head-averaged
-    global_index: torch.Tensor  # (B,): position of the global token (0 = class token; EOT for text)
+    global_index: torch.Tensor  # (B,): position of the global token (0 = class token or [CLS]; EOT for CLIP text)
+    padding_mask: torch.Tensor | None = None  # (B, N) bool, True at text padding (keys cross-attention ignores)
 
 
 class VisionTransformer(nn.Module):
     """Patch embedding, class token, positional embedding, ln_pre, transformer, ln_post, proj."""
 
-    def __init__(self, config: VisionConfig, embed_dim: int):
+    def __init__(self, config: VisionConfig, embed_dim: int | None):
         super().__init__()
         width = config.width
         self.config = config
@@ -34,7 +35,8 @@ class VisionTransformer(nn.Module):
         self.ln_pre = nn.LayerNorm(width)
         self.transformer = Transformer(width, config.layers, config.heads)
         self.ln_post = nn.LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
+        # embed_dim None: no projection at all (CFine's bert mode uses the 768-d ln_post tokens, spec §9).
+        self.proj = None if embed_dim is None else nn.Parameter(scale * torch.randn(width, embed_dim))
         self.transformer.init_weights()
 
     def _encode(self, images: torch.Tensor, with_attention: bool):
@@ -50,25 +52,37 @@ class VisionTransformer(nn.Module):
         x, row = self.transformer(self.ln_pre(x), causal=False, row_index=row_index)
         return x, row, row_index
 
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.proj is None else x @ self.proj
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """CLIP's image embedding: ln_post(class token) @ proj, (B, D)."""
         x, _, _ = self._encode(images, with_attention=False)
-        return self.ln_post(x[:, 0]) @ self.proj
+        return self._project(self.ln_post(x[:, 0]))
 
     def forward_tokens(self, images: torch.Tensor) -> TokenFeatures:
-        """Every token through ln_post and proj, (B, N, D), and the class token's last-layer attention row."""
+        """Every token through ln_post and proj (if any), (B, N, D), and the class token's last-layer attention row."""
         x, row, index = self._encode(images, with_attention=True)
-        return TokenFeatures(self.ln_post(x) @ self.proj, row, index)
+        return TokenFeatures(self._project(self.ln_post(x)), row, index)
 
 
 class CLIP(nn.Module):
-    """OpenAI CLIP (ViT image tower + causal text tower); strict-loads OpenAI's released state dicts."""
+    """OpenAI CLIP (ViT image tower + causal text tower); strict-loads OpenAI's released state dicts.
+
+    With config.text None it is the image tower alone (`visual.*` keys only).
+    """
 
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.config = config
         text = config.text
         self.visual = VisionTransformer(config.vision, config.embed_dim)
+        if text is None:
+            if config.embed_dim is not None:
+                raise ValueError("an image-only CLIP has no joint space: build it with embed_dim=None (vision_only())")
+            return
+        if config.embed_dim is None:
+            raise ValueError("a CLIP with a text tower needs embed_dim, the width of the joint space")
         self.token_embedding = nn.Embedding(text.vocab_size, text.width)
         self.positional_embedding = nn.Parameter(torch.empty(text.context_length, text.width))
         self.transformer = Transformer(text.width, text.layers, text.heads)
@@ -79,14 +93,6 @@ class CLIP(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=text.width**-0.5)
         self.transformer.init_weights()
-
-    @property
-    def embed_dim(self) -> int:
-        return self.config.embed_dim
-
-    def text_modules(self) -> list[nn.Module | nn.Parameter]:
-        """Everything that belongs to the text tower (for optimiser groups)."""
-        return [self.token_embedding, self.positional_embedding, self.transformer, self.ln_final, self.text_projection]
 
     def _encode_text(self, ids: torch.Tensor, with_attention: bool):
         if ids.shape[1] != self.positional_embedding.shape[0]:
@@ -110,9 +116,11 @@ class CLIP(nn.Module):
         return self.visual.forward_tokens(images)
 
     def encode_text_tokens(self, ids: torch.Tensor) -> TokenFeatures:
-        """All text tokens in the joint space (B, L, D) and the EOT token's attention row (0 after EOT)."""
+        """All text tokens in the joint space (B, L, D), the EOT token's attention row (0 after EOT) and, as the
+        padding mask, the positions after EOT."""
         x, row, eot = self._encode_text(ids, with_attention=True)
-        return TokenFeatures(x @ self.text_projection, row, eot)
+        padding = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) > eot.unsqueeze(1)
+        return TokenFeatures(x @ self.text_projection, row, eot, padding)
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor):
         """Pooled image and text features, as the reference CLIP's encode_image / encode_text."""

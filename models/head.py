@@ -51,7 +51,7 @@ class CFineHead(nn.Module):
     def __init__(self, config: CFineConfig):
         super().__init__()
         self.config = config
-        width = config.clip.embed_dim
+        width = config.width
         self.mgf = ResidualCrossAttentionBlock(width, mgf_heads(width))
         self.image_bn = make_bottleneck(width)
         self.text_bn = make_bottleneck(width)
@@ -63,8 +63,11 @@ class CFineHead(nn.Module):
         tokens = feats.tokens
         batch, length, _ = tokens.shape
         if is_text:
+            # CLIP: SOT (0) and EOT excluded; BERT: [CLS] (0) excluded, [SEP] and [PAD] stay candidates (§9).
             candidates = text_candidates(feats.global_index, length)
-            padding = text_padding_mask(feats.global_index, length)
+            padding = feats.padding_mask
+            if padding is None:
+                padding = text_padding_mask(feats.global_index, length)
             k = int(length * self.config.text_ratio)
         else:
             candidates = image_candidates(batch, length, tokens.device)

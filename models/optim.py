@@ -10,7 +10,7 @@ from torch import nn
 def parameter_groups(
     model: nn.Module, *, lr_head: float = 1e-4, lr_image: float = 1e-5, lr_text: float = 1e-5, wd_image: float = 4e-5
 ) -> list[dict]:
-    """Spec §6 groups: head (new modules, BN, W), image encoder (clip.visual), text encoder (rest of clip)."""
+    """Spec §6 groups: head (new modules, BN, W), image encoder (clip.visual), text encoder (the rest of clip, or bert)."""
     groups = {
         "head": {"name": "head", "params": [], "lr": lr_head, "weight_decay": 0.0},
         "image_encoder": {"name": "image_encoder", "params": [], "lr": lr_image, "weight_decay": wd_image},
@@ -21,7 +21,7 @@ def parameter_groups(
             continue
         if name.startswith("clip.visual."):
             groups["image_encoder"]["params"].append(param)
-        elif name.startswith("clip."):
+        elif name.startswith(("clip.", "bert.")):
             groups["text_encoder"]["params"].append(param)
         else:
             groups["head"]["params"].append(param)

@@ -25,7 +25,8 @@ def clip_token_count(caption: str) -> int:
     return len(default_tokenizer().encode(caption)) + 2
 
 
-def caption_tokenizer(text_encoder: str = "clip", vocab_text: str | None = None) -> CaptionTokenizer:
+def caption_tokenizer(text_encoder: str = "clip", vocab_text: str | None = None, lower_case: bool = True,
+                      max_length: int = 100) -> CaptionTokenizer:
     """The tokeniser matching a text encoder: 'clip' (BPE, 77 ids) or 'bert' (WordPiece from vocab_text, 100 ids)."""
     if text_encoder == "clip":
         return clip_token_ids
@@ -34,7 +35,7 @@ def caption_tokenizer(text_encoder: str = "clip", vocab_text: str | None = None)
 
         if vocab_text is None:
             raise ValueError("bert mode needs the vocabulary (vocab.txt's text) to tokenise captions")
-        return BertCaptionTokenizer(vocab_text)
+        return BertCaptionTokenizer(vocab_text, lower_case, max_length)
     raise ValueError(f"text encoder {text_encoder!r} is unknown; use 'clip' or 'bert'")
 
 

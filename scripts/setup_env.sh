@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) the virtual environment .venv and install the requirements into it.
-# Usage: source scripts/setup_env.sh [dev]      ("dev" adds requirements-dev.txt)
+# Usage: source scripts/setup_env.sh [dev] [bert]  ("dev" adds requirements-dev.txt, which includes
+# requirements-bert.txt; "bert" adds only requirements-bert.txt, for --text_encoder bert)
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${VENV:-$repo/.venv}"
@@ -8,8 +9,12 @@ if [ ! -x "$venv/bin/python" ]; then
     "${PYTHON:-python3}" -m venv "$venv"
 fi
 files=(-r "$repo/requirements.txt")
-if [ "${1:-}" = "dev" ]; then
-    files+=(-r "$repo/requirements-dev.txt")
-fi
+for extra in "$@"; do
+    case "$extra" in
+        dev) files+=(-r "$repo/requirements-dev.txt") ;;
+        bert) files+=(-r "$repo/requirements-bert.txt") ;;
+        *) echo "setup_env.sh: unknown extra '$extra' (use dev and/or bert)" >&2; return 2 2>/dev/null || exit 2 ;;
+    esac
+done
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${files[@]}"
 export PATH="$venv/bin:$PATH"

@@ -100,7 +100,12 @@ def modality(feats: TokenFeatures, ratio: float, is_text: bool, mgf, bn):
     globals_, group1, selected, rows = [], [], [], [[], [], []]
     for b in range(batch):
         g = int(feats.global_index[b])
-        if is_text:
+        if is_text and feats.padding_mask is not None and g == 0:
+            # Spec §9 (BERT): every position but [CLS] is a candidate, [SEP] and [PAD] included; the
+            # cross-attention ignores the [PAD] keys.
+            candidates = [n for n in range(1, length)]
+            ignored = {n for n in range(length) if bool(feats.padding_mask[b, n])}
+        elif is_text:
             candidates = [n for n in range(length) if n != 0 and n != g]
             ignored = set(range(g + 1, length))
         else:
@@ -257,6 +262,15 @@ def head_losses(head, image: TokenFeatures, text: TokenFeatures, pids: torch.Ten
     }
 
 
+def random_bert_tokens(batch: int, length: int, width: int, real: torch.Tensor, generator=None) -> TokenFeatures:
+    """Spec §9 text: random tokens (B, L, D); [CLS] at 0; real[b] real ids then [PAD]s, whose scores are ~0 (the
+    additive mask), so the [CLS] attention row puts no weight on them."""
+    tokens = torch.randn(batch, length, width, generator=generator)
+    padding = torch.arange(length).unsqueeze(0) >= real.unsqueeze(1)
+    scores = torch.randn(batch, length, generator=generator).mul(2).masked_fill(padding, -1e4)
+    return TokenFeatures(tokens, scores.softmax(dim=1), torch.zeros(batch, dtype=torch.long), padding)
+
+
 def near_duplicate_pairs(feats: TokenFeatures, noise: float, generator=None) -> TokenFeatures:
     """Sample 2m+1 := sample 2m plus a little noise: different ids with near-equal similarities make triplets count."""
     tokens = feats.tokens.clone()
@@ -265,4 +279,8 @@ def near_duplicate_pairs(feats: TokenFeatures, noise: float, generator=None) -> 
     attention[1::2] = attention[0::2][: attention[1::2].shape[0]]
     index = feats.global_index.clone()
     index[1::2] = index[0::2][: index[1::2].shape[0]]
-    return TokenFeatures(tokens, attention, index)
+    padding = feats.padding_mask
+    if padding is not None:
+        padding = padding.clone()
+        padding[1::2] = padding[0::2][: padding[1::2].shape[0]]
+    return TokenFeatures(tokens, attention, index, padding)

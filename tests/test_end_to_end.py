@@ -1,12 +1,16 @@
 """The user's path, as subprocesses: synthetic data -> data.sh -> train.py (2 epochs) -> test.py."""
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 
+import torch
 from PIL import Image
 
 from tests.conftest import REPO, TINY_TRAIN_FLAGS
+from utils.checkpoint import load_checkpoint
 
 
 def run(*command, cwd=REPO):
@@ -56,3 +60,48 @@ def test_test_py_rejects_bad_checkpoints(tmp_path):
     result = subprocess.run([sys.executable, "test.py", "--checkpoint", str(truncated)], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode != 0 and "truncated or corrupt" in result.stderr
+
+
+def test_bert_mode_trains_and_test_py_rebuilds_it_from_the_checkpoint_alone(processed_root, tmp_path):
+    """Spec §9 through the user's commands: a tiny random BERT folder (Hugging Face layout), 2 epochs, test.py."""
+    from tests.bert_fixtures import write_bert_folder
+
+    bert = write_bert_folder(tmp_path / "bert-tiny", hidden=64)
+    out = tmp_path / "bert_run"
+    run(sys.executable, "train.py", "--data_root", str(processed_root), "--output_dir", str(out), *TINY_TRAIN_FLAGS,
+        "--epochs", "2", "--text_encoder", "bert", "--bert", str(bert), "--mean_std", "imagenet", "--amp", "off")
+    state = load_checkpoint(out / "last.pt")
+    assert state["config"]["text_encoder"] == "bert" and state["config"]["clip"]["text"] is None
+    assert state["text_vocab"] == (bert / "vocab.txt").read_text()
+    assert any(key.startswith("bert.encoder.layer.1.attention") for key in state["model"])
+    assert "clip.visual.proj" not in state["model"]
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [1, 2] and all(math.isfinite(row["loss"]) for row in history)
+
+    # Resume is exact in bert mode too (BERT's dropout draws from the checkpointed RNG state).
+    split = tmp_path / "bert_split"
+    common = ("--data_root", str(processed_root), "--output_dir", str(split), *TINY_TRAIN_FLAGS, "--text_encoder",
+              "bert", "--bert", str(bert), "--mean_std", "imagenet", "--amp", "off")
+    run(sys.executable, "train.py", *common, "--epochs", "1")
+    run(sys.executable, "train.py", *common, "--epochs", "2", "--resume", str(split / "last.pt"))
+    resumed = load_checkpoint(split / "last.pt")["model"]
+    assert resumed.keys() == state["model"].keys()
+    assert all(torch.equal(resumed[key], state["model"][key]) for key in resumed)
+
+    shutil.rmtree(bert)  # evaluation needs nothing but the checkpoint
+    stdout = run(sys.executable, "test.py", "--checkpoint", str(out / "best.pt"), "--workers", "0", "--no_progress",
+                 "--device", "cpu")
+    assert "text->image [global+lg1+lg2]" in stdout
+    metrics = json.loads((out / "eval_test" / "metrics.json").read_text())
+    assert 0 <= metrics["t2i"]["R1"] <= 100
+
+
+def test_bert_mode_without_a_usable_folder_is_one_clear_error(processed_root, tmp_path):
+    command = [sys.executable, "train.py", "--data_root", str(processed_root), "--output_dir", str(tmp_path / "r"),
+               *TINY_TRAIN_FLAGS, "--epochs", "1", "--text_encoder", "bert"]
+    missing_flag = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert missing_flag.returncode != 0 and "needs --bert FOLDER" in missing_flag.stderr
+    (tmp_path / "empty").mkdir()
+    empty = subprocess.run(command + ["--bert", str(tmp_path / "empty")], cwd=REPO, capture_output=True, text=True)
+    assert empty.returncode != 0 and "missing config.json, vocab.txt" in empty.stderr
+    assert "Traceback" not in empty.stderr

@@ -83,7 +83,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     """
     state = load_checkpoint(path)
     try:
-        model = CFine(CFineConfig.from_dict(state["config"]))
+        model = CFine(CFineConfig.from_dict(state["config"]), text_vocab=state.get("text_vocab"))
         model.load_state_dict(state["model"], strict=True)
     except (KeyError, ValueError, TypeError, RuntimeError) as error:
         raise CheckpointFileError(f"{path}: its weights do not match the CFine model it describes ({error})") from None

@@ -39,7 +39,7 @@ def encode_split(model, data, device: torch.device, amp: str = "off", batch_size
     if len(images) < len(loader.dataset):
         loader = DataLoader(Subset(loader.dataset, images), batch_size=loader.batch_size, collate_fn=loader.collate_fn,
                             num_workers=loader.num_workers, pin_memory=loader.pin_memory)
-    empty = torch.zeros(0, 3, model.config.clip.embed_dim, device=device)  # for a rank left without a batch
+    empty = torch.zeros(0, 3, model.config.width, device=device)  # for a rank left without a batch
     gallery = [empty]
     for batch in tqdm(loader, desc=f"encode {data.split} gallery", disable=not progress, leave=False):
         with autocast(device, amp):
