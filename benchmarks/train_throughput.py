@@ -77,64 +77,73 @@ def random_ids(text_encoder: str, batch: int, vocab_size: int, device: torch.dev
     return tokens
 
 
-def measure(args: argparse.Namespace, text_encoder: str) -> float:
-    """Median seconds of one full training step (forward, losses, backward, Adam) after warm-up; prints it."""
-    device = torch.device(args.device)
-    amp = resolve_amp(args.amp, device)
-    size = tuple(args.image_size) if args.image_size else ((224, 224) if args.arch == "vit_b16" else (64, 32))
-    torch.manual_seed(0)
-    model = build(args, text_encoder, size).to(device).train()
-    optimizer, _ = build_optimizer(model)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    images = torch.randn(args.batch, 3, *size, device=device)
-    vocab = model.config.bert["vocab_size"] if text_encoder == "bert" else 49408
-    tokens = random_ids(text_encoder, args.batch, vocab, device)
-    pids = torch.randint(0, max(2, args.batch // 2), (args.batch,), device=device)
+class Runner:
+    """One model, its optimizer and a fixed synthetic batch; step() is one full training step."""
 
-    def step():
-        with autocast(device, amp):
-            loss = model(images, tokens, pids).loss
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return loss
+    def __init__(self, args: argparse.Namespace, text_encoder: str):
+        self.device = device = torch.device(args.device)
+        self.amp = resolve_amp(args.amp, device)
+        self.size = tuple(args.image_size) if args.image_size else ((224, 224) if args.arch == "vit_b16" else (64, 32))
+        self.text_encoder = text_encoder
+        torch.manual_seed(0)
+        self.model = build(args, text_encoder, self.size).to(device).train()
+        self.optimizer, _ = build_optimizer(self.model)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
+        self.images = torch.randn(args.batch, 3, *self.size, device=device)
+        vocab = self.model.config.bert["vocab_size"] if text_encoder == "bert" else 49408
+        self.tokens = random_ids(text_encoder, args.batch, vocab, device)
+        self.pids = torch.randint(0, max(2, args.batch // 2), (args.batch,), device=device)
+        self.times: list[float] = []
 
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
+    def step(self, timed: bool = True) -> torch.Tensor:
         start = time.perf_counter()
-        loss = step()
-        if device.type == "cuda":
+        with autocast(self.device, self.amp):
+            loss = self.model(self.images, self.tokens, self.pids).loss
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    if not torch.isfinite(loss):
-        raise SystemExit(f"the last loss was not finite ({float(loss)}): the measurement is not meaningful")
-    median = statistics.median(times)
-    pairs_per_s = args.batch / median
-    if device.type == "cuda":
-        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (max allocated on {torch.cuda.get_device_name()})"
-    else:
-        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS so far)"
-    print(f"text_encoder={text_encoder} arch={args.arch} image={size[0]}x{size[1]} batch={args.batch} amp={amp} "
-          f"device={device} threads={torch.get_num_threads()} steps={args.steps} (median step {median * 1000:.1f} ms)")
-    print(f"throughput: {pairs_per_s:.1f} pairs/s; peak memory: {peak}")
-    if args.arch == "vit_b16":  # only the real shapes compare with the authors' ViT-B/16 figure
-        print(f"vs the authors' ~{AUTHORS_PAIRS_PER_S:.0f} pairs/s (RTX 3090, fp32, batch 32): "
-              f"{pairs_per_s / AUTHORS_PAIRS_PER_S:.2f}x (different hardware: indicative only)")
-    return median
+        if timed:
+            self.times.append(time.perf_counter() - start)
+        return loss
 
 
 def main(args: argparse.Namespace) -> None:
-    medians = {name: measure(args, name) for name in args.text_encoder}
+    """Warm every runner up, then time their steps in turn (interleaved: a shared, busy machine slows all alike)."""
+    runners = [Runner(args, name) for name in args.text_encoder]
+    for runner in runners:
+        for _ in range(args.warmup):
+            runner.step(timed=False)
+    if runners[0].device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.steps):
+        for runner in runners:
+            loss = runner.step()
+            if not torch.isfinite(loss):
+                raise SystemExit(f"{runner.text_encoder}: a loss was not finite ({float(loss)}): not meaningful")
+    medians = {}
+    for runner in runners:
+        median = medians[runner.text_encoder] = statistics.median(runner.times)
+        pairs_per_s = args.batch / median
+        print(f"text_encoder={runner.text_encoder} arch={args.arch} image={runner.size[0]}x{runner.size[1]} "
+              f"batch={args.batch} amp={runner.amp} device={runner.device} threads={torch.get_num_threads()} "
+              f"steps={args.steps} (median step {median * 1000:.1f} ms)")
+        print(f"throughput: {pairs_per_s:.1f} pairs/s")
+        if args.arch == "vit_b16":  # only the real shapes compare with the authors' ViT-B/16 figure
+            print(f"vs the authors' ~{AUTHORS_PAIRS_PER_S:.0f} pairs/s (RTX 3090, fp32, batch 32): "
+                  f"{pairs_per_s / AUTHORS_PAIRS_PER_S:.2f}x (different hardware: indicative only)")
+    if runners[0].device.type == "cuda":
+        print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (max allocated over all runs, "
+              f"{torch.cuda.get_device_name()})")
+    else:
+        print(f"peak memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS, "
+              "all models together)")
     first = args.text_encoder[0]
     for name in args.text_encoder[1:]:
         print(f"step time {name} / {first}: {medians[name] / medians[first]:.2f}x "
-              f"({medians[name]:.3f} s vs {medians[first]:.3f} s)")
+              f"({medians[name]:.3f} s vs {medians[first]:.3f} s, interleaved)")
 
 
 if __name__ == "__main__":
