@@ -1,0 +1,32 @@
+"""scripts/seeds.py: several seeds of one config, each trained and tested, then mean ± std."""
+import json
+import statistics
+import subprocess
+import sys
+
+from tests.conftest import REPO, TINY_TRAIN_FLAGS
+
+
+def test_two_seeds_train_test_and_summarise(processed_root, tmp_path):
+    out = tmp_path / "seeds"
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"epochs": 1}))
+    command = [sys.executable, "scripts/seeds.py", "--config", str(config), "--seeds", "3", "4", "--out", str(out),
+               "--", "--data_root", str(processed_root), *TINY_TRAIN_FLAGS]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((out / "seeds.json").read_text())
+    per_seed = {int(s): m for s, m in report["per_seed"].items()}
+    assert sorted(per_seed) == [3, 4]
+    for seed in (3, 4):  # each number is that seed's own test.py result
+        own = json.loads((out / f"seed_{seed}" / "eval_test" / "metrics.json").read_text())
+        assert own["split"] == "test" and per_seed[seed]["t2i"] == own["t2i"]
+        assert json.loads((out / f"seed_{seed}" / "config.json").read_text())["args"]["seed"] == seed
+    r1 = [per_seed[s]["t2i"]["R1"] for s in (3, 4)]
+    assert report["summary"]["R1"]["mean"] == statistics.fmean(r1)
+    assert abs(report["summary"]["R1"]["std"] - abs(r1[0] - r1[1]) / 2**0.5) < 1e-9
+    table = (out / "seeds.md").read_text()
+    assert "| 3 |" in table and "| 4 |" in table and "mean ± std" in table
+
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)  # nothing left to run
+    assert again.returncode == 0 and again.stdout.count("exists, reusing it") == 2 and "train.py" not in again.stdout
