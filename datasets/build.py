@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datasets.images import usable_cpus
+from datasets.holdout import split_off
 from datasets.processed import SplitRecords, available_splits, load_split
 from datasets.sampler import EpochSampler
 from datasets.transforms import ImageTransform, load_rgb
@@ -100,9 +102,15 @@ def _loader_kwargs(workers: int | None, pin_memory: bool | None, persistent: boo
 def build_train_loader(processed_dir: Path, *, image_size: tuple[int, int] = (224, 224), batch_size: int = 32,
                        workers: int | None = None, mean_std: str = "clip", seed: int = 42, num_replicas: int = 1,
                        rank: int = 0, pin_memory: bool | None = None,
-                       tokenizer: CaptionTokenizer = clip_token_ids) -> DataLoader:
-    """Shuffled, flipped training batches {"images", "tokens", "pids"}; `loader.dataset.num_classes` = C."""
-    dataset = TrainPairs(load_split(processed_dir, "train"), ImageTransform(image_size, mean_std), seed, tokenizer)
+                       tokenizer: CaptionTokenizer = clip_token_ids, held_out_ids: Sequence[int] = ()) -> DataLoader:
+    """Shuffled, flipped training batches {"images", "tokens", "pids"}; `loader.dataset.num_classes` = C.
+
+    held_out_ids: training identities carved off as the validation split (datasets/holdout.py), left out here.
+    """
+    split = load_split(processed_dir, "train")
+    if held_out_ids:
+        split, _ = split_off(split, held_out_ids)
+    dataset = TrainPairs(split, ImageTransform(image_size, mean_std), seed, tokenizer)
     sampler = EpochSampler(len(dataset), batch_size, seed=seed, num_replicas=num_replicas, rank=rank)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                       **_loader_kwargs(workers, pin_memory, persistent=True))
@@ -110,9 +118,18 @@ def build_train_loader(processed_dir: Path, *, image_size: tuple[int, int] = (22
 
 def build_eval_data(processed_dir: Path, split: str, *, image_size: tuple[int, int] = (224, 224),
                     batch_size: int = 64, workers: int | None = None, mean_std: str = "clip",
-                    pin_memory: bool | None = None, tokenizer: CaptionTokenizer = clip_token_ids) -> EvalData:
-    """Gallery (each image once, no shuffle, no drop) and queries (every caption, tokenised once) of `split`."""
-    data = load_split(processed_dir, split)
+                    pin_memory: bool | None = None, tokenizer: CaptionTokenizer = clip_token_ids,
+                    held_out_ids: Sequence[int] = ()) -> EvalData:
+    """Gallery (each image once, no shuffle, no drop) and queries (every caption, tokenised once) of `split`.
+
+    With held_out_ids, split 'val' is carved from the training split: those identities' records.
+    """
+    if held_out_ids:
+        if split != "val":
+            raise ValueError(f"held-out training ids make a 'val' split, not {split!r}")
+        _, data = split_off(load_split(processed_dir, "train"), held_out_ids)
+    else:
+        data = load_split(processed_dir, split)
     records = data.records
     paths = [str(data.image_root / r["image"]) for r in records]
     gallery_pids = torch.tensor([r["pid"] for r in records], dtype=torch.long)
