@@ -18,6 +18,7 @@ from tqdm import tqdm
 import clip
 from datasets.base import DataError
 from datasets.build import available_splits, build_eval_data, build_train_loader
+from datasets.transforms import to_model_input
 from models.cfine import CFine
 from models.config import CFineConfig
 from models.gather import convert_to_global_bn
@@ -202,7 +203,8 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp, epoch, start_
                disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
     for batch in bar:
-        images = batch["images"].to(device, non_blocking=True)
+        images = to_model_input(batch["images"].to(device, non_blocking=True), loader.dataset.mean_std,
+                                batch["flips"].to(device, non_blocking=True))
         tokens = batch["tokens"].to(device, non_blocking=True)
         pids = batch["pids"].to(device, non_blocking=True)
         with autocast(device, amp):

@@ -20,15 +20,15 @@ from datasets.images import usable_cpus
 from datasets.holdout import split_off
 from datasets.processed import SplitRecords, available_splits, load_split
 from datasets.sampler import EpochSampler
-from datasets.transforms import ImageTransform, load_rgb
+from datasets.transforms import ResizeToUint8, check_mean_std, load_rgb
 from models.tokenization import CaptionTokenizer, clip_token_ids
 
 __all__ = ["EvalData", "available_splits", "build_eval_data", "build_train_loader"]
 
 
 def default_workers(processes: int = 1) -> int:
-    """Loader processes per training process: its share of the cores minus one for itself, at most 8."""
-    return min(8, max(0, usable_cpus() // processes - 1))
+    """Loader processes per training process: its share of the node's cores minus one for the process itself."""
+    return max(0, usable_cpus() // processes - 1)
 
 
 def flip_coin(seed: int, epoch: int, index: int) -> bool:
@@ -37,10 +37,13 @@ def flip_coin(seed: int, epoch: int, index: int) -> bool:
 
 
 class TrainPairs(Dataset):
-    """One item per (image, caption) pair; pids re-numbered 0..C-1 in sorted order of the original ids."""
+    """One item per (image, caption) pair; pids re-numbered 0..C-1 in sorted order of the original ids.
 
-    def __init__(self, split: SplitRecords, transform: ImageTransform, seed: int = 42,
-                 tokenizer: CaptionTokenizer = clip_token_ids):
+    Items hold the resized uint8 image and its flip decision; `to_model_input` flips and normalises on the device.
+    """
+
+    def __init__(self, split: SplitRecords, transform: ResizeToUint8, seed: int = 42,
+                 tokenizer: CaptionTokenizer = clip_token_ids, mean_std: str = "clip"):
         records = split.records
         self.image_paths = [str(split.image_root / r["image"]) for r in records]
         original = sorted({r["pid"] for r in records})
@@ -51,6 +54,7 @@ class TrainPairs(Dataset):
         self.pids = torch.tensor([self.pid_map[records[i]["pid"]] for i in image_of_pair], dtype=torch.long)
         self.tokens = tokenizer([c for r in records for c in r["captions"]])
         self.transform, self.seed, self.epoch = transform, seed, 0
+        self.mean_std = check_mean_std(mean_std)  # for to_model_input on the device
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch used for plain integer indices (the sampler passes (epoch, index) pairs instead)."""
@@ -62,14 +66,14 @@ class TrainPairs(Dataset):
     def __getitem__(self, index):
         epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
         image = load_rgb(self.image_paths[self.pair_image[index]])
-        flip = flip_coin(self.seed, epoch, index)
-        return {"images": self.transform(image, flip), "tokens": self.tokens[index], "pids": self.pids[index]}
+        flip = torch.tensor(flip_coin(self.seed, epoch, index))
+        return {"images": self.transform(image), "flips": flip, "tokens": self.tokens[index], "pids": self.pids[index]}
 
 
 class GalleryImages(Dataset):
-    """Each image of a split once, in file order, with its original pid and its position."""
+    """Each image of a split once, in file order, as resized uint8, with its original pid and its position."""
 
-    def __init__(self, paths: list[str], pids: torch.Tensor, transform: ImageTransform):
+    def __init__(self, paths: list[str], pids: torch.Tensor, transform: ResizeToUint8):
         self.paths, self.pids, self.transform = paths, pids, transform
 
     def __len__(self) -> int:
@@ -84,6 +88,7 @@ class EvalData:
     """Evaluation inputs of one split: gallery images (loader) and every caption as a query (tokens)."""
 
     split: str
+    mean_std: str  # the normalisation to_model_input applies to the gallery's uint8 batches
     gallery_loader: DataLoader
     gallery_pids: torch.Tensor  # (G,) long, original ids
     gallery_paths: list[str]  # absolute, for visualisation
@@ -103,14 +108,16 @@ def build_train_loader(processed_dir: Path, *, image_size: tuple[int, int] = (22
                        workers: int | None = None, mean_std: str = "clip", seed: int = 42, num_replicas: int = 1,
                        rank: int = 0, pin_memory: bool | None = None,
                        tokenizer: CaptionTokenizer = clip_token_ids, held_out_ids: Sequence[int] = ()) -> DataLoader:
-    """Shuffled, flipped training batches {"images", "tokens", "pids"}; `loader.dataset.num_classes` = C.
+    """Shuffled training batches {"images" uint8, "flips", "tokens", "pids"}; `loader.dataset.num_classes` = C.
+
+    Model inputs are `datasets.transforms.to_model_input(images, mean_std, flips)`, on the training device.
 
     held_out_ids: training identities carved off as the validation split (datasets/holdout.py), left out here.
     """
     split = load_split(processed_dir, "train")
     if held_out_ids:
         split, _ = split_off(split, held_out_ids)
-    dataset = TrainPairs(split, ImageTransform(image_size, mean_std), seed, tokenizer)
+    dataset = TrainPairs(split, ResizeToUint8(image_size), seed, tokenizer, mean_std)
     sampler = EpochSampler(len(dataset), batch_size, seed=seed, num_replicas=num_replicas, rank=rank)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                       **_loader_kwargs(workers, pin_memory, persistent=True))
@@ -135,7 +142,7 @@ def build_eval_data(processed_dir: Path, split: str, *, image_size: tuple[int, i
     gallery_pids = torch.tensor([r["pid"] for r in records], dtype=torch.long)
     captions = [c for r in records for c in r["captions"]]
     query_pids = torch.tensor([r["pid"] for r in records for _ in r["captions"]], dtype=torch.long)
-    gallery = GalleryImages(paths, gallery_pids, ImageTransform(image_size, mean_std))
+    gallery = GalleryImages(paths, gallery_pids, ResizeToUint8(image_size))
     loader = DataLoader(gallery, batch_size=batch_size, shuffle=False, drop_last=False,
                         **_loader_kwargs(workers, pin_memory, persistent=False))
-    return EvalData(split, loader, gallery_pids, paths, tokenizer(captions), query_pids, captions)
+    return EvalData(split, check_mean_std(mean_std), loader, gallery_pids, paths, tokenizer(captions), query_pids, captions)

@@ -1,9 +1,17 @@
-"""Image loading and the train/eval transform: RGB, bicubic resize, optional flip, mean/std normalisation."""
+"""Image loading and transforms: RGB decode and bicubic resize to uint8 in the loader workers; flip and mean/std
+normalisation of whole batches on the training device (torchvision.transforms.v2 functional ops).
+
+Batches travel as uint8 (a quarter of float32's bytes, pinned, copied without blocking) and become model inputs
+with `to_model_input` on the device. `ImageTransform` is the earlier all-in-the-worker float path, kept for
+image-by-image use (search.py) and as the baseline of benchmarks/loader_speed.py; both give the same values.
+"""
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 
 # CLIP's pre-training statistics (the default, matching the backbone) and ImageNet's.
 MEAN_STD = {
@@ -33,8 +41,7 @@ class ImageTransform:
     """PIL RGB image -> normalised float tensor (3, H, W): bicubic resize to (H, W), flip if asked."""
 
     def __init__(self, image_size: tuple[int, int] = (224, 224), mean_std: str = "clip"):
-        if mean_std not in MEAN_STD:
-            raise ValueError(f"mean_std must be one of {list(MEAN_STD)}, got {mean_std!r}")
+        check_mean_std(mean_std)
         self.height, self.width = image_size
         mean, std = MEAN_STD[mean_std]
         self.mean = torch.tensor(mean).view(3, 1, 1)
@@ -47,3 +54,31 @@ class ImageTransform:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
         return (pixels.float() / 255.0 - self.mean) / self.std
+
+
+class ResizeToUint8:
+    """PIL RGB image -> uint8 tensor (3, H, W), bicubic resize (PIL's own, through torchvision's functional API)."""
+
+    def __init__(self, image_size: tuple[int, int] = (224, 224)):
+        self.size = [int(image_size[0]), int(image_size[1])]
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return TF.pil_to_tensor(TF.resize(img, self.size, interpolation=InterpolationMode.BICUBIC))
+
+
+def check_mean_std(mean_std: str) -> str:
+    """The name itself if it is a known normalisation ('clip' or 'imagenet'), else ValueError."""
+    if mean_std not in MEAN_STD:
+        raise ValueError(f"mean_std must be one of {list(MEAN_STD)}, got {mean_std!r}")
+    return mean_std
+
+
+def to_model_input(images: torch.Tensor, mean_std: str = "clip", flips: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 batch (B, 3, H, W) on any device -> float32 (x / 255 - mean) / std, mirrored where flips[b] is True.
+
+    No host synchronisation: the flip is a select over the batch, not a Python branch per sample.
+    """
+    if flips is not None:
+        images = torch.where(flips.view(-1, 1, 1, 1), TF.horizontal_flip(images), images)
+    mean, std = MEAN_STD[check_mean_std(mean_std)]
+    return TF.normalize(images.float().div_(255.0), list(mean), list(std))

@@ -13,7 +13,8 @@ from datasets.build import (TrainPairs, available_splits, build_eval_data, build
                             flip_coin)
 from datasets.processed import load_split
 from datasets.sampler import EpochSampler
-from datasets.transforms import MEAN_STD, ImageDecodeError, ImageTransform, load_rgb
+from datasets.images import usable_cpus
+from datasets.transforms import MEAN_STD, ImageDecodeError, ImageTransform, ResizeToUint8, load_rgb, to_model_input
 from tests.messy_data import LONG_TAIL, make_dataset, read_annotation, write_annotation
 
 SOT, EOT = 49406, 49407
@@ -39,7 +40,8 @@ def processed(tmp_path_factory):
 def test_train_batches_have_contract_shapes_and_dtypes(processed):
     loader = build_train_loader(processed / "CUHK-PEDES", image_size=(384, 128), batch_size=8, workers=0)
     batch = next(iter(loader))
-    assert batch["images"].shape == (8, 3, 384, 128) and batch["images"].dtype == torch.float32
+    assert batch["images"].shape == (8, 3, 384, 128) and batch["images"].dtype == torch.uint8  # a quarter of float32
+    assert batch["flips"].shape == (8,) and batch["flips"].dtype == torch.bool
     assert batch["tokens"].shape == (8, 77) and batch["tokens"].dtype == torch.long
     assert batch["pids"].shape == (8,) and batch["pids"].dtype == torch.long
     assert (batch["tokens"][:, 0] == SOT).all() and (batch["tokens"].argmax(1) > 0).all()
@@ -76,8 +78,11 @@ def test_flip_is_a_pure_function_of_seed_epoch_and_index(processed):
     for index, flip in ((flipped, True), (kept, False)):
         item = dataset[(0, index)]
         image = load_rgb(dataset.image_paths[dataset.pair_image[index]])
-        assert torch.equal(item["images"], dataset.transform(image, flip))
-        assert not torch.equal(item["images"], dataset.transform(image, not flip))
+        assert bool(item["flips"]) == flip and torch.equal(item["images"], dataset.transform(image))
+        # On the device: the same values as the all-in-the-worker float path, bit for bit.
+        model_input = to_model_input(item["images"][None], "clip", item["flips"][None])[0]
+        assert torch.equal(model_input, ImageTransform(SIZE, "clip")(image, flip))
+        assert not torch.equal(model_input, ImageTransform(SIZE, "clip")(image, not flip))
     dataset.set_epoch(0)
     assert torch.equal(dataset[flipped]["images"], dataset[(0, flipped)]["images"])
 
@@ -115,7 +120,7 @@ def test_batches_do_not_depend_on_worker_count(processed):
     (serial, pairs), (parallel, _) = epoch_batches(0), epoch_batches(2)
     assert len(serial) == len(parallel) == pairs // 16 >= 2
     for x, y in zip(serial, parallel):
-        assert all(torch.equal(x[k], y[k]) for k in ("images", "tokens", "pids"))
+        assert all(torch.equal(x[k], y[k]) for k in ("images", "flips", "tokens", "pids"))
 
 
 def test_eval_data_gallery_once_and_every_caption_a_query(processed):
@@ -165,7 +170,7 @@ def test_undecodable_image_names_the_file(processed, tmp_path):
     shutil.copytree(split.image_root, broken)
     target = broken / split.records[0]["image"]
     target.write_bytes(target.read_bytes()[:200])
-    dataset = TrainPairs(type(split)("train", broken, split.records), ImageTransform(SIZE))
+    dataset = TrainPairs(type(split)("train", broken, split.records), ResizeToUint8(SIZE))
     with pytest.raises(ImageDecodeError, match=str(target)):
         dataset[0]
 
@@ -188,9 +193,14 @@ def test_normalisation_uses_the_chosen_mean_and_std(stats):
     assert torch.allclose(out.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5)
     with pytest.raises(ValueError, match="mean_std"):
         ImageTransform((8, 4), "laion")
+    pixels = torch.tensor(colour, dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 8, 4)
+    torch.testing.assert_close(to_model_input(pixels, stats)[0], out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="mean_std"):
+        to_model_input(pixels, "laion")
 
 
 def test_default_workers_and_pinning_are_sensible(processed):
     loader = build_train_loader(processed / "ICFG-PEDES", image_size=SIZE, batch_size=4)
-    assert loader.num_workers == default_workers() and 0 <= loader.num_workers <= 8
+    assert loader.num_workers == default_workers() == max(0, usable_cpus() - 1)  # no fixed cap: big nodes use all
+    assert default_workers(processes=2) == max(0, usable_cpus() // 2 - 1)
     assert loader.pin_memory == torch.cuda.is_available()

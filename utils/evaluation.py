@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from datasets.transforms import to_model_input
 from models.cfine import retrieval_features
 
 from . import distributed
@@ -43,7 +44,8 @@ def encode_split(model, data, device: torch.device, amp: str = "off", batch_size
     gallery = [empty]
     for batch in tqdm(loader, desc=f"encode {data.split} gallery", disable=not progress, leave=False):
         with autocast(device, amp):
-            gallery.append(model.encode_images(batch["images"].to(device, non_blocking=True)).float())
+            images = to_model_input(batch["images"].to(device, non_blocking=True), data.mean_std)
+            gallery.append(model.encode_images(images).float())
     queries = [empty]
     captions = distributed.shard_range(len(data.query_tokens), batch_size)
     tokens = data.query_tokens[captions.start:captions.stop]
