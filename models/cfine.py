@@ -61,5 +61,3 @@ class CFine(nn.Module):
     def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
         """Query side of spec §7: [BN(EOT), BN(lg1), BN(lg2)] text features, (B, 3, D)."""
         return self.head.text_features(self.clip.encode_text_tokens(tokens))
-
-    retrieval_features = staticmethod(retrieval_features)
