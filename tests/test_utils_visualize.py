@@ -36,3 +36,23 @@ def test_training_curves_from_metrics_jsonl(tmp_path):
     metrics.write_text("")
     with pytest.raises(ValueError, match="no epochs recorded"):
         plot_training_curves(metrics, tmp_path / "empty.png")
+
+
+def test_pictures_replace_a_planted_link_instead_of_writing_through_it(tmp_path):
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"not to be touched")
+    gallery = tmp_path / "g.png"
+    Image.new("RGB", (20, 40), (0, 0, 255)).save(gallery)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("page.png", "curves.png"):
+        (out / name).symlink_to(victim)
+    ranking_page("a caption", [str(gallery)], [True], out / "page.png", tile=(40, 80))
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"epoch": 1, "loss": 2.0, "R1": 10.0}) + "\n")
+    plot_training_curves(metrics, out / "curves.png")
+    assert victim.read_bytes() == b"not to be touched"
+    for name in ("page.png", "curves.png"):
+        assert not (out / name).is_symlink()
+        with Image.open(out / name) as image:
+            assert image.format == "PNG"

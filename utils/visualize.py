@@ -9,6 +9,8 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .files import atomic_write
+
 GREEN, RED, BLACK, WHITE = (40, 170, 60), (210, 40, 40), (20, 20, 20), (255, 255, 255)
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
@@ -19,6 +21,12 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has no sized default font
         return ImageFont.load_default()
+
+
+def save_picture(image: Image.Image, out_path: str | Path) -> None:
+    """Save as the file extension says (PNG, JPEG, ...), atomically: never through a link planted at out_path."""
+    kind = Image.registered_extensions().get(Path(out_path).suffix.lower(), "PNG")
+    atomic_write(out_path, lambda f: image.save(f, format=kind))
 
 
 def ranking_page(caption: str, image_paths: Sequence[str], is_match: Sequence[bool], out_path: str | Path,
@@ -42,8 +50,7 @@ def ranking_page(caption: str, image_paths: Sequence[str], is_match: Sequence[bo
         draw.rectangle([x, y, x + width - 1, y + height - 1], fill=GREEN if match else RED)
         page.paste(picture, (x + border, y + border))
         draw.text((x + width // 2 - 6, y + height + 2), str(rank + 1), fill=BLACK, font=_font(12))
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    page.save(out_path)
+    save_picture(page, out_path)
 
 
 def _polyline_chart(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
@@ -94,5 +101,4 @@ def plot_training_curves(metrics_jsonl: str | Path, out_path: str | Path) -> Non
     draw = ImageDraw.Draw(page)
     _polyline_chart(draw, (20, 30, 720, 300), "training losses", losses, log_scale=True)
     _polyline_chart(draw, (20, 350, 720, 620), "retrieval (text-to-image, %)", metrics)
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    page.save(out_path)
+    save_picture(page, out_path)
