@@ -21,6 +21,7 @@ from clip.config import CLIPConfig  # noqa: E402
 from models.cfine import CFine  # noqa: E402
 from models.config import CFineConfig  # noqa: E402
 from models.optim import build_optimizer  # noqa: E402
+from utils.step_guard import StepGuard  # noqa: E402
 from utils.training import autocast, resolve_amp  # noqa: E402
 
 AUTHORS_PAIRS_PER_S = 71.0
@@ -38,6 +39,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--num_classes", type=int, default=11003)
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--no_guard", action="store_true",
+                        help="time the bare step, without train.py's StepGuard (its copy of the state and its one sync)")
     return parser
 
 
@@ -50,6 +53,7 @@ def main(args: argparse.Namespace) -> None:
     model = CFine(CFineConfig(clip=clip_config, num_classes=args.num_classes)).to(device).train()
     optimizer, _ = build_optimizer(model)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    guard = None if args.no_guard else StepGuard(model, optimizer, limit=args.warmup + args.steps + 1)
     images = torch.randn(args.batch, 3, *size, device=device)
     tokens = torch.zeros(args.batch, 77, dtype=torch.long, device=device)
     lengths = torch.randint(8, 60, (args.batch,), device=device)
@@ -59,13 +63,17 @@ def main(args: argparse.Namespace) -> None:
     tokens[torch.arange(args.batch, device=device), lengths] = 49407
     pids = torch.randint(0, max(2, args.batch // 2), (args.batch,), device=device)
 
-    def step():
+    def step():  # train.py's step: guard, forward, backward, update, one verdict
+        if guard:
+            guard.save()
         with autocast(device, amp):
             loss = model(images, tokens, pids).loss
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if guard:
+            guard.accept(*guard.verdict(loss, False)[:2])
         return loss
 
     for _ in range(args.warmup):
@@ -88,6 +96,7 @@ def main(args: argparse.Namespace) -> None:
     else:
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS)"
     print(f"arch={args.arch} image={size[0]}x{size[1]} batch={args.batch} amp={amp} device={device} "
+          f"{'bare step' if args.no_guard else 'with the StepGuard'} "
           f"steps={args.steps} (median step {statistics.median(times) * 1000:.1f} ms)")
     print(f"throughput: {pairs_per_s:.1f} pairs/s; peak memory: {peak}")
     if args.arch == "vit_b16":  # only the real shapes compare with the authors' ViT-B/16 figure

@@ -59,7 +59,9 @@ class StepGuard:
     @torch.no_grad()
     def verdict(self, loss: torch.Tensor, stop_requested: bool) -> tuple[bool, bool, bool]:
         """(loss finite, weights finite, stop requested), the same on every rank; one host sync."""
-        weights = torch.stack(torch._foreach_norm(self.params, float("inf"))).isfinite().all()
+        # A NaN or inf anywhere makes its tensor's L2 norm non-finite (so would an overflow of the norm itself,
+        # at magnitudes no healthy run reaches); the fused norm is several times faster than isfinite on CPU.
+        weights = torch.stack(torch._foreach_norm(self.params)).isfinite().all()
         flags = torch.stack([~torch.isfinite(loss.detach().float()), ~weights]).float()
         if distributed.get_world_size() > 1:  # any rank's non-finite loss or stop request counts for all
             flags = distributed.all_reduce_sum(torch.cat([flags, flags.new_tensor([float(stop_requested)])]))
