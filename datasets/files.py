@@ -6,11 +6,13 @@ failed or killed run leaves the previous folder as it was, plus at most a `.<nam
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 
 def fresh_folder_beside(out_dir: Path) -> Path:
@@ -39,21 +41,29 @@ def swap_into_place(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def replacing_folder(out_dir: Path) -> Iterator[Path]:
+    """Yield a fresh sibling folder to fill; when the block succeeds it replaces out_dir in one rename, when it
+    fails it is deleted and out_dir is untouched."""
+    tmp = fresh_folder_beside(out_dir)
+    try:
+        yield tmp
+        swap_into_place(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_atomically(out_dir: Path, files: dict[str, bytes]) -> None:
     """Write `files` (relative name -> bytes) into a fresh sibling folder, then swap it in; on failure
     `out_dir` is untouched."""
-    tmp = fresh_folder_beside(out_dir)
-    try:
+    with replacing_folder(out_dir) as tmp:
         for name, content in files.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             with open(tmp / name, "wb") as f:
                 f.write(content)
                 f.flush()
                 os.fsync(f.fileno())
-        swap_into_place(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_stale_folders(out_dir: Path) -> list[str]:

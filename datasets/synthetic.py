@@ -10,14 +10,13 @@ import argparse
 import json
 import random
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from datasets import BENCHMARKS
 from datasets.base import Benchmark
-from datasets.files import fresh_folder_beside, remove_stale_folders, swap_into_place
+from datasets.files import remove_stale_folders, replacing_folder
 from datasets.pedestrian_attributes import make_caption, sample_identities
 from datasets.pedestrian_drawing import render
 
@@ -91,8 +90,7 @@ def generate(out: Path, name: str, ids: int, images_per_id: int, seed: int,
     people = identities(ids, seed)
     splits = split_of_ids(ids, bench)
     remove_stale_folders(root)
-    tmp = fresh_folder_beside(root)  # filled, then renamed: no file is written through an existing link
-    try:
+    with replacing_folder(root) as tmp:  # filled, then renamed: no file is written through an existing link
         records = []
         for pid, (attrs, split) in enumerate(zip(people, splits)):
             for k in range(images_per_id):
@@ -107,10 +105,6 @@ def generate(out: Path, name: str, ids: int, images_per_id: int, seed: int,
                 records.append(record)
         with open(tmp / bench.annotation_names[0], "w", encoding="utf-8") as f:
             f.write("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")
-        swap_into_place(tmp, root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
