@@ -22,9 +22,9 @@ fi
 echo "== 2/4 data.sh -> $DEMO_DIR/processed_data"
 bash data.sh "$DEMO_DIR/raw" CUHK-PEDES --out "$DEMO_DIR/processed_data"
 
-echo "== 3/4 train.py --config configs/demo.json"
+echo "== 3/4 train.py --config configs/demo.json (replacing an earlier demo run: --overwrite)"
 python train.py --config configs/demo.json --data_root "$DEMO_DIR/processed_data" \
-    --output_dir "$DEMO_DIR/train" "${train_args[@]}"
+    --output_dir "$DEMO_DIR/train" --overwrite "${train_args[@]}"
 
 echo "== 4/4 test.py on the test split, with visualisations and training curves"
 python test.py --checkpoint "$DEMO_DIR/train/best.pt" --split test --visualize 8 --plot

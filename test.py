@@ -15,12 +15,16 @@ import torch
 
 from datasets.base import DataError
 from datasets.build import available_splits, build_eval_data
+from datasets.processed import check_same_data
 from models.cfine import retrieval_features
 from utils import distributed
-from utils.checkpoint import CheckpointFileError, load_model, write_json
+from utils.checkpoint import CheckpointFileError, load_model
 from utils.evaluation import encode_split, format_table, score_split
+from utils.files import check_writable_folder, write_json
+from utils.settings import TABLE, Setting, flag_type
 from utils.training import resolve_amp
-from utils.visualize import plot_training_curves, ranking_page
+from utils.curves import plot_training_curves
+from utils.visualize import ranking_page
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -30,11 +34,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_root", help="folder holding data.sh's <dataset>/ (default: the training run's)")
     parser.add_argument("--split", default="test", choices=["test", "val"])
     parser.add_argument("--output_dir", help="default: <checkpoint folder>/eval_<split>")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=flag_type(TABLE["device"]),
+                        help="cpu, cuda or cuda:N")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=None, help="data loader processes per process")
-    parser.add_argument("--visualize", type=int, default=0, metavar="N",
+    parser.add_argument("--batch_size", type=flag_type(Setting("batch_size", 128, int, minimum=1)), default=128)
+    parser.add_argument("--workers", type=flag_type(TABLE["workers"]), default=None,
+                        help="data loader processes per process")
+    parser.add_argument("--visualize", type=flag_type(Setting("visualize", 0, int, minimum=0)), default=0, metavar="N",
                         help="write N PNG pages: a query caption and its top-10 gallery images (green = same id)")
     parser.add_argument("--plot", action="store_true", help="also plot training curves from the run's metrics.jsonl")
     parser.add_argument("--no_progress", action="store_true")
@@ -71,7 +77,15 @@ def main(args: argparse.Namespace) -> int:
     amp = resolve_amp(args.amp, device)
     image_size = tuple(model.config.clip.vision.image_size)
     workers = distributed.loader_workers(args.workers, info)
+    out_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent / f"eval_{args.split}"
+    if info.is_main:  # before the evaluation, not after it
+        try:
+            check_writable_folder(out_dir)
+        except OSError as error:
+            raise SystemExit(f"--output_dir {out_dir}: cannot write there ({error})") from None
     try:
+        if dataset == train_args.get("dataset"):  # the run's own benchmark: it must be the run's data
+            check_same_data(state.get("data"), processed, args.checkpoint)
         splits = available_splits(processed)
         if args.split not in splits:
             raise SystemExit(f"{processed} has no {args.split} split (it has: {', '.join(splits)})")
@@ -80,7 +94,6 @@ def main(args: argparse.Namespace) -> int:
                                tokenizer=model.tokenize)
     except DataError as error:
         raise SystemExit(f"--data_root/--dataset: {error}") from None
-    out_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent / f"eval_{args.split}"
     encoded = encode_split(model, data, device, amp, args.batch_size, progress=info.is_main and not args.no_progress)
     results = score_split(encoded)
     if info.is_main:

@@ -28,7 +28,7 @@ step data 120 bash -c "$PY -m datasets.synthetic --out $OUT/raw --format CUHK-PE
     && bash data.sh $OUT/raw CUHK-PEDES --out $OUT/processed_data"
 for amp in bf16 fp16; do  # a short real training run per AMP mode, then test.py on its checkpoint
     step "train_$amp" 240 $PY train.py --config configs/demo.json --data_root "$OUT/processed_data" \
-        --output_dir "$OUT/train_$amp" --device cuda --amp "$amp" --epochs 3 --no_progress
+        --output_dir "$OUT/train_$amp" --overwrite --device cuda --amp "$amp" --epochs 3 --no_progress
     step "test_$amp" 120 $PY test.py --checkpoint "$OUT/train_$amp/best.pt" --device cuda --amp "$amp" --no_progress
 done
 step train_throughput 240 $PY benchmarks/train_throughput.py --arch vit_b16 --batch 64 --amp bf16 --device cuda

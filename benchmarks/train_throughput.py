@@ -24,6 +24,7 @@ from clip.config import CLIPConfig  # noqa: E402
 from models.cfine import CFine  # noqa: E402
 from models.config import CFineConfig  # noqa: E402
 from models.optim import build_optimizer  # noqa: E402
+from utils.step_guard import StepGuard  # noqa: E402
 from utils.training import autocast, resolve_amp  # noqa: E402
 
 AUTHORS_PAIRS_PER_S = 71.0
@@ -43,6 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--text_encoder", nargs="+", choices=["clip", "bert"], default=["clip"],
                         help="one or more; bert needs `transformers` (requirements-bert.txt)")
+    parser.add_argument("--no_guard", action="store_true",
+                        help="time the bare step, without train.py's StepGuard (its copy of the state and its one sync)")
     return parser
 
 
@@ -93,16 +96,22 @@ class Runner:
         vocab = self.model.config.bert["vocab_size"] if text_encoder == "bert" else 49408
         self.tokens = random_ids(text_encoder, args.batch, vocab, device)
         self.pids = torch.randint(0, max(2, args.batch // 2), (args.batch,), device=device)
+        self.guard = None if args.no_guard else StepGuard(self.model, self.optimizer, args.warmup + args.steps + 1)
         self.times: list[float] = []
 
     def step(self, timed: bool = True) -> torch.Tensor:
+        """train.py's step: guard copy, forward, backward, update, one verdict."""
         start = time.perf_counter()
+        if self.guard:
+            self.guard.save()
         with autocast(self.device, self.amp):
             loss = self.model(self.images, self.tokens, self.pids).loss
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.guard:
+            self.guard.accept(*self.guard.verdict(loss, False)[:2])
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         if timed:

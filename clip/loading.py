@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -27,6 +28,9 @@ RELEASED = {  # name -> (sha256, file name); the sha256 is part of OpenAI's publ
 _RESNETS = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64")
 # Non-weight entries that OpenAI's TorchScript archives carry in their state dict.
 _IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size")
+# Entries of a checkpoint dict that say which MLP activation its weights were trained with (declared_activation).
+_HINT_KEYS = ("quick_gelu", "model_cfg", "model_config", "model_name", "arch")
+_OPEN_CLIP_NAME = re.compile(r"^ViT-[A-Za-z]+-\d+")  # open_clip's config names ("ViT-B-16"); OpenAI's use "/"
 
 
 class CheckpointError(RuntimeError):
@@ -132,27 +136,65 @@ def build_model(state_dict: dict, image_size: tuple[int, int] | None = None, sou
 def read_state_dict(path: str | os.PathLike) -> dict:
     """Read a TorchScript archive (OpenAI's format) or a plain state dict (optionally under 'state_dict'/'model')."""
     path = Path(path)
+    return _state_dict_of(path, _read_checkpoint(path))
+
+
+def _read_checkpoint(path: Path):
+    """The checkpoint object as stored: a TorchScript archive's state dict, or what torch.load returns."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
         if _is_torchscript(path):
-            state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for damaged archives
         raise CheckpointError(
             f"{path}: cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
             "the file is truncated, corrupt or not a PyTorch checkpoint: download it again"
         ) from None
+
+
+def _state_dict_of(path: Path, checkpoint) -> dict:
+    """The tensors of a checkpoint: nested under 'state_dict'/'model' or not, DDP's 'module.' prefix removed."""
+    state_dict = checkpoint
     for nested in ("state_dict", "model"):
         if isinstance(state_dict, dict) and isinstance(state_dict.get(nested), dict):
             state_dict = state_dict[nested]
             break
+    if isinstance(state_dict, dict):  # a flat file may carry the activation hints beside its tensors
+        state_dict = {k: v for k, v in state_dict.items() if k not in _HINT_KEYS}
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{path}: does not contain a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state_dict.items()}
+
+
+def declared_activation(path: Path, checkpoint) -> tuple[bool, str] | None:
+    """(quick_gelu, where it is said) when the checkpoint or open_clip's config beside it names the MLP
+    activation; None when nothing says (OpenAI's archives, bare state dicts: taken as QuickGELU).
+
+    open_clip marks QuickGELU models with `"quick_gelu": true` in their model config (its
+    `open_clip_config.json` on the Hugging Face hub) and a `-quickgelu` suffix in their config names;
+    a model config without the flag, or a name such as `ViT-B-16`, is GELU.
+    """
+    if isinstance(checkpoint, dict):
+        if isinstance(checkpoint.get("quick_gelu"), bool):
+            return checkpoint["quick_gelu"], "its 'quick_gelu' entry"
+        for key in ("model_cfg", "model_config"):
+            if isinstance(checkpoint.get(key), dict):
+                return bool(checkpoint[key].get("quick_gelu", False)), f"its '{key}' (open_clip model config)"
+        for key in ("model_name", "arch"):
+            name = checkpoint.get(key)
+            if isinstance(name, str) and _OPEN_CLIP_NAME.match(name):
+                return name.lower().endswith("-quickgelu"), f"its {key} {name!r} (an open_clip config name)"
+    config = path.parent / "open_clip_config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+            model_cfg = data.get("model_cfg", data)
+            return bool(model_cfg.get("quick_gelu", False)), f"{config}"
+        except (OSError, ValueError, AttributeError) as error:
+            raise CheckpointError(f"{config}: unreadable open_clip config beside {path.name} ({error})") from None
+    return None
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -222,5 +264,13 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
         raise CheckpointError(
             f"{name}: neither a file nor a released model name (known: {', '.join(RELEASED)})"
         )
-    model = build_model(read_state_dict(path), image_size=image_size, source=str(path))
+    checkpoint = _read_checkpoint(path)
+    declared = declared_activation(path, checkpoint)
+    if declared is not None and not declared[0]:
+        raise CheckpointError(
+            f"{path}: these weights were trained with GELU (so says {declared[1]}), but this CLIP uses QuickGELU, "
+            "as OpenAI's released weights do; with GELU weights its features would be wrong. Use OpenAI's weights "
+            "(e.g. 'ViT-B/16') or an open_clip '-quickgelu' model's weights"
+        )
+    model = build_model(_state_dict_of(path, checkpoint), image_size=image_size, source=str(path))
     return model.to(device), model.config

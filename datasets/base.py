@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,13 +78,33 @@ def read_json_list(path: Path) -> list:
 
 
 def _parse_id(value) -> tuple[int, bool] | None:
-    """Accept an int or a string of digits (some copies store ids as strings); None otherwise."""
+    """Accept an int or a string of ASCII digits (some copies store ids as strings); None otherwise."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value, False
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip()), True
+    text = value.strip() if isinstance(value, str) else ""
+    if text.isascii() and text.isdigit():  # str.isdigit alone accepts "1²" and "١", which int() refuses
+        return int(text), True
+    return None
+
+
+def normalise_image_path(value: str) -> str:
+    """The form every check and every later use sees: surrounding whitespace stripped, '/' separators,
+    empty and '.' components dropped."""
+    parts = value.strip().replace("\\", "/").split("/")
+    return "/".join(part for part in parts if part not in ("", "."))
+
+
+def _image_problem(value) -> str | None:
+    """Why an image entry cannot be a path inside imgs/, or None."""
+    if not isinstance(value, str) or not normalise_image_path(value):
+        return "is not a non-empty path string"
+    stripped = value.strip().replace("\\", "/")
+    if stripped.startswith("/") or re.match(r"^[A-Za-z]:", stripped):
+        return f"({value!r}) is an absolute path; it must be relative to imgs/"
+    if ".." in normalise_image_path(value).split("/"):
+        return f"({value!r}) leaves imgs/ through '..'"
     return None
 
 
@@ -96,18 +117,16 @@ def _record_problem(raw, index: int, bench: Benchmark) -> str | None:
             return f"record {index} lacks key '{key}'"
     if raw["split"] not in bench.splits:
         return f"record {index} has split {raw['split']!r}, expected one of {list(bench.splits)}"
-    image = raw[bench.image_key]
-    if not isinstance(image, str) or not image.strip():
-        return f"record {index} key '{bench.image_key}' is not a non-empty path string"
-    if ".." in image.replace("\\", "/").split("/"):
-        return f"record {index} key '{bench.image_key}' ({image!r}) leaves imgs/ through '..'"
+    image_problem = _image_problem(raw[bench.image_key])
+    if image_problem:
+        return f"record {index} key '{bench.image_key}' {image_problem}"
     captions = raw["captions"]
     if isinstance(captions, str):
-        captions = [captions]
+        return f"record {index} key 'captions' is a string, not a list of captions (write [\"...\"])"
     if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
         return f"record {index} key 'captions' is not a list of strings"
     if _parse_id(raw["id"]) is None:
-        return f"record {index} key 'id' is {raw['id']!r}, not an integer"
+        return f"record {index} key 'id' is {raw['id']!r}, not an integer (a JSON number or a string of digits 0-9)"
     return None
 
 
@@ -131,8 +150,6 @@ def parse_benchmark(bench: Benchmark, dataset_dir: Path) -> Parsed:
     for raw in raw_records:
         pid, was_string = _parse_id(raw["id"])
         string_ids += was_string
-        captions = raw["captions"]
-        captions = [captions] if isinstance(captions, str) else captions
-        image = raw[bench.image_key].strip().replace("\\", "/").lstrip("/")
-        records.append(Record(raw["split"], pid, image, tuple(captions)))
+        image = normalise_image_path(raw[bench.image_key])
+        records.append(Record(raw["split"], pid, image, tuple(raw["captions"])))
     return Parsed(bench, annotation, image_root, records, string_ids)

@@ -10,9 +10,7 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 from clip.loading import sha256_file
 from datasets import BENCHMARKS, PARSERS
 from datasets.base import DataError, Parsed
+from datasets.files import remove_stale_folders, write_atomically
 from datasets.images import ImageReport, check_images, usable_cpus
 from datasets.validate import RecordReport, clean_records, describe_indices
 
@@ -174,36 +173,6 @@ def prepare(dataset_dir: Path, name: str, out: Path, *, workers: int | None, ski
     return result
 
 
-def write_atomically(out_dir: Path, files: dict[str, bytes]) -> None:
-    """Write `files` into a sibling temp folder, then swap it in; on failure `out_dir` is untouched."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other folder
-    try:
-        for name, content in files.items():
-            with open(tmp / name, "wb") as f:
-                f.write(content)
-                f.flush()
-                os.fsync(f.fileno())
-        if out_dir.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.rename(out_dir, backup / "previous")  # a rename: the old folder survives any failure below
-            try:
-                os.rename(tmp, out_dir)
-            except OSError:
-                os.rename(backup / "previous", out_dir)
-                backup.rmdir()  # only once the old folder is back in place
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _summary(prep: Prepared) -> str:
     """Per-split counts of a freshly prepared benchmark, one line."""
     meta = json.loads(prep.files["meta.json"])
@@ -261,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     for prep in prepared:
+        for stale in remove_stale_folders(prep.out_dir):
+            print(f"{prep.name}: removed {args.out / stale}, left by an interrupted earlier run.")
         for note in prep.notes:
             print(note if note.startswith(prep.name) else f"{prep.name}: {note}")
         if not prep.up_to_date:

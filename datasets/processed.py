@@ -71,3 +71,34 @@ def load_split(processed_dir: Path, split: str) -> SplitRecords:
             raise DataError(f"{path}: record {i} is not {{'pid': int, 'image': str, 'captions': [non-empty str, ...]}}"
                             f" (got {str(r)[:120]}): {RERUN}.")
     return SplitRecords(split, Path(meta["image_root"]), records)
+
+
+def data_identity(processed_dir: Path) -> dict:
+    """What a checkpoint records about its data: the dataset, its annotation's SHA256 and every split's sizes."""
+    meta = load_meta(processed_dir)
+    annotation = meta.get("annotation") if isinstance(meta.get("annotation"), dict) else {}
+    return {"dataset": meta.get("dataset"), "annotation_sha256": annotation.get("sha256"), "splits": meta["splits"]}
+
+
+def check_same_data(recorded: dict | None, processed_dir: Path, checkpoint: str) -> None:
+    """DataError unless processed_dir holds the data `checkpoint` was trained on: the same annotation SHA256 and
+    split sizes (the folder itself may have moved). Checkpoints that predate the record are not checked."""
+    if not recorded:
+        return
+    current = data_identity(processed_dir)
+    problems = []
+    if current["annotation_sha256"] != recorded.get("annotation_sha256"):
+        problems.append(f"its annotation's sha256 is {str(current['annotation_sha256'])[:12]}…, the run's "
+                        f"{str(recorded.get('annotation_sha256'))[:12]}…")
+    if current["splits"] != recorded.get("splits"):
+        problems.append(f"its splits are {_sizes(current['splits'])}, the run's {_sizes(recorded.get('splits') or {})}")
+    if problems:
+        raise DataError(
+            f"{processed_dir} is not the data {checkpoint} was trained on ({'; '.join(problems)}). Pass --data_root "
+            "with the folder data.sh wrote for that run (a moved copy is fine), or train a new run on this data.")
+
+
+def _sizes(splits: dict) -> str:
+    """'train 320 ids / 1280 images / 2598 captions, test ...' for a message."""
+    return ", ".join(f"{name} {c.get('ids')} ids / {c.get('images')} images / {c.get('captions')} captions"
+                     for name, c in splits.items() if isinstance(c, dict)) or "(none)"

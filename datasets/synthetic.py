@@ -10,13 +10,13 @@ import argparse
 import json
 import random
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from datasets import BENCHMARKS
 from datasets.base import Benchmark
+from datasets.files import remove_stale_folders, replacing_folder
 from datasets.pedestrian_attributes import make_caption, sample_identities
 from datasets.pedestrian_drawing import render
 
@@ -84,25 +84,27 @@ def identities(ids: int, seed: int) -> list[dict]:
 
 def generate(out: Path, name: str, ids: int, images_per_id: int, seed: int,
              size: tuple[int, int] = IMAGE_SIZE) -> Path:
-    """Write a synthetic `name` dataset under out/<name>; return that folder."""
+    """Write a synthetic `name` dataset as out/<name> (replacing any previous one in one rename); return it."""
     bench = BENCHMARKS[name]
-    root = out / name
+    root = Path(out) / name
     people = identities(ids, seed)
     splits = split_of_ids(ids, bench)
-    records = []
-    for pid, (attrs, split) in enumerate(zip(people, splits)):
-        for k in range(images_per_id):
-            rng = random.Random(f"image-{seed}-{pid}-{k}")
-            rel = image_path(bench, pid, k, split)
-            save_image(render(attrs, rng, size), root / "imgs" / rel)
-            captions = [make_caption(attrs, rng) for _ in range(captions_for_image(bench, rng))]
-            record = {"split": split, "captions": captions, bench.image_key: rel}
-            if bench.writes_tokens:
-                record["processed_tokens"] = [word_tokens(c) for c in captions]
-            record["id"] = raw_id(bench, pid)
-            records.append(record)
-    with open(root / bench.annotation_names[0], "w", encoding="utf-8") as f:
-        f.write("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")
+    remove_stale_folders(root)
+    with replacing_folder(root) as tmp:  # filled, then renamed: no file is written through an existing link
+        records = []
+        for pid, (attrs, split) in enumerate(zip(people, splits)):
+            for k in range(images_per_id):
+                rng = random.Random(f"image-{seed}-{pid}-{k}")
+                rel = image_path(bench, pid, k, split)
+                save_image(render(attrs, rng, size), tmp / "imgs" / rel)
+                captions = [make_caption(attrs, rng) for _ in range(captions_for_image(bench, rng))]
+                record = {"split": split, "captions": captions, bench.image_key: rel}
+                if bench.writes_tokens:
+                    record["processed_tokens"] = [word_tokens(c) for c in captions]
+                record["id"] = raw_id(bench, pid)
+                records.append(record)
+        with open(tmp / bench.annotation_names[0], "w", encoding="utf-8") as f:
+            f.write("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")
     return root
 
 
@@ -115,7 +117,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-id", type=int, default=4, help="images per identity")
     p.add_argument("--seed", type=int, default=0, help="everything drawn is a function of this seed")
     p.add_argument("--size", default=f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}", help="image WIDTHxHEIGHT (default 64x128)")
-    p.add_argument("--force", action="store_true", help="replace an existing out/<format>/ folder")
+    p.add_argument("--force", action="store_true", help="replace an existing out/<format>/ folder (once the new one is complete)")
     return p
 
 
@@ -133,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"synthetic: error: {target} already exists and is not empty; pass --force to replace it.",
                   file=sys.stderr)
             return 1
-        shutil.rmtree(target)
     start = time.perf_counter()
     try:
         root = generate(args.out, args.format, args.ids, args.images_per_id, args.seed, size)

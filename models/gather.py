@@ -17,7 +17,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from utils.distributed import get_rank, get_world_size
+
+def _rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _all_gather(tensor: torch.Tensor, world: int) -> torch.Tensor:
@@ -32,7 +37,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        rank, world = get_rank(), get_world_size()
+        rank, world = _rank_and_world()
         ctx.rank, ctx.rows = rank, tensor.shape[0]
         return _all_gather(tensor, world)
 
@@ -48,7 +53,7 @@ def gather_batch(tensor: torch.Tensor) -> torch.Tensor:
 
     The identity in a single process, so code that calls it keeps its one-process numbers exactly.
     """
-    world = get_world_size()
+    world = _rank_and_world()[1]
     if world == 1:
         return tensor
     return _AllGather.apply(tensor) if tensor.requires_grad else _all_gather(tensor, world)
@@ -63,7 +68,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rank, world = get_rank(), get_world_size()
+        rank, world = _rank_and_world()
         if world == 1 or not self.training:
             return super().forward(x)
         rows = x.shape[0]

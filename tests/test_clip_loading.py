@@ -162,3 +162,58 @@ def test_released_name_downloads_checks_sha256_and_uses_cache(tiny, inputs, tmp_
     with pytest.raises(CheckpointError, match="SHA256 does not match"):
         clip.load("ViT-B/16", download_root=cache)
     assert list(cache.iterdir()) == []
+
+
+def _open_clip_tiny(quick_gelu: bool):
+    """A tiny open_clip CLIP (same shapes as CLIPConfig.tiny()) and its model config, as open_clip writes it."""
+    import open_clip  # test-only dependency (requirements-dev.txt)
+
+    model_cfg = {"embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2}}
+    if quick_gelu:
+        model_cfg["quick_gelu"] = True
+    torch.manual_seed(3)
+    model = open_clip.CLIP(**model_cfg).eval()
+    model.visual.image_mean, model.visual.image_std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    return model, model_cfg
+
+
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_open_clip_hub_layout_says_which_activation_and_gelu_is_refused(inputs, tmp_path, quick_gelu):
+    from open_clip.push_to_hf_hub import save_config_for_hf
+
+    reference, model_cfg = _open_clip_tiny(quick_gelu)
+    torch.save(reference.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    save_config_for_hf(reference, tmp_path / "open_clip_config.json", model_config=model_cfg)
+    if not quick_gelu:
+        with pytest.raises(CheckpointError, match=r"open_clip_pytorch_model\.bin: these weights were trained with "
+                                                  r"GELU \(so says .*open_clip_config\.json\).*QuickGELU"):
+            clip.load(tmp_path / "open_clip_pytorch_model.bin")
+        return
+    model, _ = clip.load(tmp_path / "open_clip_pytorch_model.bin")
+    _, ids = inputs
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(ids), reference.encode_text(ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hint, accepted", [
+    ({"model_name": "ViT-B-16"}, False),
+    ({"model_name": "ViT-B-16-quickgelu"}, True),
+    ({"arch": "ViT-L-14"}, False),
+    ({"model_cfg": {"embed_dim": 64}}, False),
+    ({"model_config": {"quick_gelu": True}}, True),
+    ({"quick_gelu": False}, False),
+    ({"quick_gelu": True}, True),
+    ({"model_name": "ViT-B/16"}, True),  # OpenAI's spelling: not an open_clip config name, says nothing
+])
+@pytest.mark.parametrize("nested", [True, False])
+def test_activation_hints_inside_the_checkpoint(tiny, tmp_path, hint, accepted, nested):
+    state = tiny.state_dict()
+    path = tmp_path / "hinted.pt"
+    torch.save({"state_dict": state, **hint} if nested else {**state, **hint}, path)
+    if accepted:
+        model, _ = clip.load(path)
+        assert torch.equal(model.state_dict()["ln_final.weight"], state["ln_final.weight"])
+    else:
+        with pytest.raises(CheckpointError, match="trained with GELU"):
+            clip.load(path)

@@ -74,6 +74,13 @@ def test_json_syntax_error_names_file_line_and_column(generated, tmp_path):
     (lambda r: r[5].update(id="p17"), "record 5 key 'id' is 'p17'"),
     (lambda r: r[1].update(captions=[1, 2]), "record 1 key 'captions' is not a list of strings"),
     (lambda r: r[0].update(img_path="../../etc/passwd"), "record 0 key 'img_path'"),
+    (lambda r: r[0].update(img_path=" ../x.jpg"), "record 0 key 'img_path' (' ../x.jpg') leaves imgs/ through '..'"),
+    (lambda r: r[0].update(img_path="\tok/..\\..\\x.jpg"), "leaves imgs/ through '..'"),
+    (lambda r: r[6].update(img_path=" /etc/passwd"), "record 6 key 'img_path' (' /etc/passwd') is an absolute path"),
+    (lambda r: r[6].update(img_path="C:\\imgs\\x.jpg"), "record 6 key 'img_path' ('C:\\\\imgs\\\\x.jpg') is an absolute"),
+    (lambda r: r[5].update(id="1\u00b2"), "record 5 key 'id' is '1\u00b2', not an integer"),
+    (lambda r: r[5].update(id="\u0661\u0662"), "record 5 key 'id' is '\u0661\u0662', not an integer"),
+    (lambda r: r[1].update(captions="a man in a red coat"), "record 1 key 'captions' is a string, not a list"),
     (lambda r: r.__setitem__(4, ["not", "an", "object"]), "record 4 is a list"),
 ])
 def test_malformed_records_are_named_by_index_and_key(generated, tmp_path, mutate, expected):
@@ -105,3 +112,12 @@ def test_missing_annotation_and_non_list_are_clear(generated, tmp_path):
     (copy / "ICFG_PEDES.json").unlink()
     with pytest.raises(DataError, match="ICFG_PEDES.json or ICFG-PEDES.json"):
         PARSERS["ICFG-PEDES"](copy)
+
+
+def test_image_paths_are_used_in_the_normalised_form_that_was_checked(generated, tmp_path):
+    copy = _copy(generated["RSTPReid"], tmp_path / "RSTPReid")
+    path, records = read_annotation(copy)
+    expected = records[0]["img_path"]
+    records[0]["img_path"] = f"  ./{expected}\t"
+    write_annotation(path, records)
+    assert PARSERS["RSTPReid"](copy).records[0].image == expected

@@ -232,3 +232,22 @@ def test_bad_images_stop_the_run_unless_skipped(clean, tmp_path, capsys):
     assert meta["dropped"]["bad_images"] == sorted([mess.missing_image, mess.truncated_image])
     test_images = {r["image"] for r in json.loads((out / "RSTPReid" / "test_reid.json").read_text())}
     assert mess.missing_image not in test_images and mess.truncated_image not in test_images
+
+
+def test_folders_left_by_a_killed_run_are_removed_at_the_next_run(workspace, capsys):
+    dataset_dir, out = workspace
+    stale = [out / ".CUHK-PEDES.tmp-ab12cd_3", out / ".CUHK-PEDES.old-zz99yy00"]
+    for folder in stale:
+        (folder / "previous").mkdir(parents=True)
+        (folder / "previous" / "meta.json").write_text("{}")
+    unrelated = out / ".RSTPReid.tmp-ab12cd_3"
+    unrelated.mkdir()
+    code, stdout, _ = run_main([dataset_dir.parent, "CUHK-PEDES", "--out", out, "--workers", "1"], capsys)
+    assert code == 0 and "left by an interrupted earlier run" in stdout
+    assert not any(folder.exists() for folder in stale) and unrelated.is_dir()
+
+
+def test_nested_files_are_written_in_the_fresh_folder(tmp_path):
+    prepare.write_atomically(tmp_path / "X", {"a.json": b"1", "imgs/b/c.png": b"2"})
+    assert (tmp_path / "X" / "imgs" / "b" / "c.png").read_bytes() == b"2"
+    assert [p.name for p in tmp_path.iterdir()] == ["X"]

@@ -132,3 +132,19 @@ def test_cli_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert main(args + ["--force"]) == 0
     assert main(args + ["--force", "--size", "64by128"]) == 2
     assert main(["--out", str(tmp_path / "x"), "--format", "CUHK-PEDES", "--ids", "2"]) == 1  # too few for 3 splits
+
+
+def test_force_replaces_the_folder_whole_and_never_writes_through_a_planted_link(tmp_path):
+    args = ["--out", str(tmp_path), "--format", "ICFG-PEDES", "--ids", "6", "--images-per-id", "1", "--seed", "1"]
+    assert main(args) == 0
+    victim = tmp_path / "victim.json"
+    victim.write_text("keep me")
+    annotation = tmp_path / "ICFG-PEDES" / "ICFG_PEDES.json"
+    expected = annotation.read_bytes()
+    annotation.unlink()
+    annotation.symlink_to(victim)
+    (tmp_path / ".ICFG-PEDES.tmp-k3j_9zq1").mkdir()  # left by a killed generation
+    assert main(args + ["--force"]) == 0
+    assert victim.read_text() == "keep me"
+    assert not annotation.is_symlink() and annotation.read_bytes() == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ICFG-PEDES", "victim.json"]

@@ -111,9 +111,9 @@ def _step(model, forward, rows):
 
 def _eval_data() -> EvalData:
     """6 gallery images in loader batches of 4 (shards of 4 and 2 rows) and 5 queries (one batch: rank 1 gets none)."""
-    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    loader = DataLoader([{"images": image} for image in images], batch_size=4)
-    return EvalData("val", loader, torch.arange(6) % 3, [], random_caption_ids(5, seed=3), torch.tensor([0, 1, 2, 0, 1]), [])
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    loader = DataLoader([{"images": image} for image in images], batch_size=4)  # uint8, as the real gallery
+    return EvalData("val", "clip", loader, torch.arange(6) % 3, [], random_caption_ids(5, seed=3), torch.tensor([0, 1, 2, 0, 1]), [])
 
 
 def _ddp_worker(rank: int, tmp: str):
@@ -299,7 +299,7 @@ def test_distributed_evaluation_equals_one_process_exactly(straight):
 
 def test_sigterm_under_torchrun_saves_on_rank_0_and_resumes_exactly(processed_root, probe, straight, tmp_path):
     out = tmp_path / "interrupted"
-    process = torchrun(probe, *train_flags(processed_root, out, "--epochs", "20"))
+    process = torchrun(probe, *train_flags(processed_root, out, "--epochs", "3"))
     for line in process.stdout:  # rank 0 prints epoch 1's row after writing its checkpoint
         if line.startswith('{"epoch": 1,'):
             process.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to every rank
@@ -314,8 +314,8 @@ def test_sigterm_under_torchrun_saves_on_rank_0_and_resumes_exactly(processed_ro
         train.main(train.parse_args(list(map(str, train_flags(processed_root, tmp_path / "one", "--resume",
                                                               out / "last.pt")))))
 
-    code, stdout, stderr = finish(torchrun(probe, *train_flags(processed_root, out, "--epochs", "3", "--resume",
-                                                              out / "last.pt")))
+    # The same flags again with --resume (equal values are no conflict); epochs and the rest come from last.pt.
+    code, stdout, stderr = finish(torchrun(probe, *train_flags(processed_root, out, "--resume", out / "last.pt")))
     assert code == 0, stdout[-3000:] + stderr[-3000:]
     assert_same_state(load_checkpoint(out / "last.pt")["model"], load_checkpoint(straight[0] / "last.pt")["model"])
     # The interrupted epoch logs the mean loss of its steps after the resume only; all else is the same.

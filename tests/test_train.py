@@ -1,6 +1,10 @@
-"""train.py: exact resume, stop signals, non-finite losses, config files."""
+"""train.py: runs that never overwrite silently, resume that continues the same run exactly (with its own
+settings and its own data), stop signals, non-finite steps, save failures; test.py's checks on the same runs."""
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,11 +12,17 @@ import sys
 import pytest
 import torch
 
+import test as evaluate_script
 import train
 from tests.conftest import REPO, TINY_TRAIN_FLAGS
-from utils.checkpoint import load_checkpoint
+from utils import distributed
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.training import StopRequest
 
 TIMING_KEYS = ("seconds", "pairs_per_s")
+# The run every resume below must reproduce: its length, evaluation cadence and limits are not the defaults.
+RUN_FLAGS = [*TINY_TRAIN_FLAGS, "--epochs", "3", "--eval_every", "2", "--max_nonfinite", "7"]
+ONE_PROCESS = distributed.DistInfo()
 
 
 def run_train(processed_root, out_dir, *extra):
@@ -20,9 +30,13 @@ def run_train(processed_root, out_dir, *extra):
     return train.main(args)
 
 
-def rows(out_dir):
+def resume(checkpoint, *extra):
+    return train.main(train.parse_args(["--resume", str(checkpoint), *extra]))
+
+
+def rows(out_dir, drop=TIMING_KEYS):
     lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in lines]
 
 
 def assert_same_weights(a, b):
@@ -31,82 +45,319 @@ def assert_same_weights(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_resume_is_exact(processed_root, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run_train(processed_root, straight, "--epochs", "4") == 0
-    assert run_train(processed_root, split, "--epochs", "2") == 0
-    assert run_train(processed_root, split, "--epochs", "4", "--resume", str(split / "last.pt")) == 0
-
-    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(split / "last.pt")
+def assert_same_run(a_dir, b_dir):
+    """Bit-identical weights, optimizer state and metrics rows (timings aside)."""
+    a, b = load_checkpoint(a_dir / "last.pt"), load_checkpoint(b_dir / "last.pt")
     assert_same_weights(a["model"], b["model"])
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for key in a["optimizer"]["state"]:
         assert torch.equal(a["optimizer"]["state"][key]["exp_avg"], b["optimizer"]["state"][key]["exp_avg"])
-    assert rows(straight) == rows(split)
-    assert [r["epoch"] for r in rows(split)] == [1, 2, 3, 4]
-    # The training changed the weights (so equality above is not trivially true).
-    first = load_checkpoint(split / "best.pt") if (split / "best.pt").exists() else None
-    assert first is not None
+    assert rows(a_dir) == rows(b_dir)
 
 
-def test_sigterm_mid_epoch_saves_and_resumes_exactly(processed_root, tmp_path):
+class StopAfter(StopRequest):
+    """A StopRequest that asks to stop after `steps` training steps, as a SIGTERM would."""
+
+    def __init__(self, steps):
+        super().__init__()
+        self.left = steps
+
+    @property
+    def requested(self):
+        self.left -= 1
+        return self.left < 0
+
+
+@pytest.fixture(scope="module")
+def straight(processed_root, tmp_path_factory):
+    """The uninterrupted run (3 epochs, evaluated after epochs 2 and 3)."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert run_train(processed_root, out, *RUN_FLAGS[len(TINY_TRAIN_FLAGS):]) == 0
+    assert [(r["epoch"], "R1" in r) for r in rows(out)] == [(1, False), (2, True), (3, True)]
+    return out
+
+
+def copy_run(run, tmp_path):
+    """A private copy of a run folder (resuming writes into the checkpoint's folder)."""
+    return shutil.copytree(run, tmp_path / "run")
+
+
+# ---------------------------------------------------------------- resume continues the same run
+
+
+def test_resume_with_a_larger_epochs_extends_the_run_exactly(processed_root, straight, tmp_path):
+    split = tmp_path / "split"
+    assert run_train(processed_root, split, *RUN_FLAGS[len(TINY_TRAIN_FLAGS):], "--epochs", "2") == 0
+    # Nothing but --resume and the longer length: data, folder, device and the rest come from the checkpoint.
+    args = train.parse_args(["--resume", str(split / "last.pt"), "--epochs", "3"])
+    assert args.data_root is None and args.output_dir is None
+    assert train.main(args) == 0
+    assert args.data_root == str(processed_root) and args.output_dir == str(split)
+    assert (args.eval_every, args.max_nonfinite, args.batch_size) == (2, 7, 16)
+    assert_same_run(straight, split)
+    assert [r["epoch"] for r in rows(split)] == [1, 2, 3]
+
+
+def test_sigterm_mid_epoch_saves_and_the_printed_command_reproduces_the_run(processed_root, straight, tmp_path):
     out = tmp_path / "interrupted"
-    command = [sys.executable, "train.py", "--data_root", str(processed_root), "--output_dir", str(out),
-               *TINY_TRAIN_FLAGS, "--epochs", "20"]
+    command = [sys.executable, "train.py", "--data_root", str(processed_root), "--output_dir", str(out), *RUN_FLAGS]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in process.stdout:  # the first epoch's JSON row is printed after its checkpoint is written
         if line.startswith('{"epoch": 1,'):
             process.send_signal(signal.SIGTERM)
             break
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=300)
     assert process.returncode == 143, stderr
-    assert "stopped by SIGTERM" in stderr and "--resume" in stderr
+    assert "stopped by SIGTERM" in stderr
     state = load_checkpoint(out / "last.pt")
     assert state["epoch"] == 1 and state["step_in_epoch"] > 0  # saved in the middle of epoch 2
 
-    assert run_train(processed_root, out, "--epochs", "3", "--resume", str(out / "last.pt")) == 0
-    straight = tmp_path / "straight"
-    assert run_train(processed_root, straight, "--epochs", "3") == 0
+    printed = shlex.split(stderr.split("Resume with: ")[1].splitlines()[0])
+    assert printed[:2] == ["python", "train.py"]
+    assert train.main(train.parse_args(printed[2:])) == 0
+    # The interrupted epoch logs the mean loss of its steps after the resume only; all else is the same.
+    assert rows(out, drop=(*TIMING_KEYS, "loss", "loss_cmpm", "loss_cmpc", "loss_diversity", "loss_ranking")) == \
+        rows(straight, drop=(*TIMING_KEYS, "loss", "loss_cmpm", "loss_cmpc", "loss_diversity", "loss_ranking"))
     assert_same_weights(load_checkpoint(out / "last.pt")["model"], load_checkpoint(straight / "last.pt")["model"])
-    assert [r["epoch"] for r in rows(out)] == [1, 2, 3]
 
 
-class _NaNAfter:
-    """Patch for CFine.forward: the loss becomes NaN on the training steps listed in `steps` (1-based)."""
+@pytest.mark.parametrize("flags, named", [
+    (["--batch_size", "8"], "--batch_size 8 conflicts .* which has batch_size 16"),
+    (["--dataset", "ICFG-PEDES"], "--dataset ICFG-PEDES conflicts .* which has dataset CUHK-PEDES"),
+    (["--clip_arch", "vit_b16"], "--clip_arch vit_b16 conflicts .* which has clip_arch tiny"),
+    (["--eval_every", "1"], "--eval_every 1 conflicts .* which has eval_every 2"),
+    (["--image_size", "32", "32"], "--image_size 32 32 conflicts .* which has image_size 64 32"),
+    (["--gather_features"], "--gather_features True conflicts .* which has gather_features False"),
+    (["--epochs", "2"], "--epochs 2 conflicts .* which has epochs 3 \\(a resumed run can only be extended"),
+])
+def test_flags_that_conflict_with_the_resumed_run_are_errors(straight, flags, named):
+    before = (straight / "last.pt").read_bytes()
+    with pytest.raises(SystemExit, match=named):
+        resume(straight / "last.pt", *flags)
+    assert (straight / "last.pt").read_bytes() == before
+
+
+def test_config_values_given_with_resume_are_checked_like_flags(straight, tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"lr_head": 0.5}))
+    with pytest.raises(SystemExit, match='--config .*c.json: "lr_head" 0.5 conflicts .* which has lr_head 0.001'):
+        resume(straight / "last.pt", "--config", str(config))
+
+
+def test_resuming_a_finished_run_without_a_longer_epochs_does_nothing(straight, capsys):
+    before = {p.name: p.read_bytes() for p in straight.iterdir()}
+    assert resume(straight / "last.pt", "--epochs", "3", "--device", "cpu") == 0  # equal and KEPT values are fine
+    assert "finished all 3 epochs; pass --epochs N (> 3)" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in straight.iterdir()} == before
+
+
+# ---------------------------------------------------------------- output folders
+
+
+def test_a_new_run_refuses_a_non_empty_folder_unless_resume_or_overwrite(processed_root, straight, tmp_path, capsys):
+    out = copy_run(straight, tmp_path)
+    best = (out / "best.pt").read_bytes()
+    with pytest.raises(SystemExit, match=r"is not empty .*--resume .*last\.pt.*--overwrite"):
+        run_train(processed_root, out, "--epochs", "1")
+    assert (out / "best.pt").read_bytes() == best and len(rows(out)) == 3
+    assert run_train(processed_root, out, "--epochs", "1", "--overwrite") == 0
+    assert [r["epoch"] for r in rows(out)] == [1]
+    assert load_checkpoint(out / "best.pt")["epoch"] == 1
+
+
+def test_default_output_folders_depend_on_the_dataset_and_never_collide_silently(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cuhk, rstp = train.parse_args([]), train.parse_args(["--dataset", "RSTPReid"])
+    assert str(train.claim_output_dir(cuhk, ONE_PROCESS)) == "runs/cuhk_pedes"
+    assert str(train.claim_output_dir(rstp, ONE_PROCESS)) == "runs/rstpreid"
+    (tmp_path / "runs" / "cuhk_pedes" / "last.pt").write_bytes(b"a run")
+    with pytest.raises(SystemExit, match="runs/cuhk_pedes is not empty"):
+        train.claim_output_dir(train.parse_args([]), ONE_PROCESS)
+
+
+def test_stale_temporary_files_are_removed_when_a_run_starts(straight, tmp_path):
+    out = copy_run(straight, tmp_path)
+    stale = [out / ".last.pt.k3j_9zq1.tmp", out / ".metrics.jsonl.a0b1c2d3.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    args = train.parse_args(["--resume", str(out / "last.pt")])
+    train.read_resume(args)
+    assert train.claim_output_dir(args, ONE_PROCESS) == out
+    assert not any(path.exists() for path in stale) and (out / "last.pt").is_file()
+
+
+# ---------------------------------------------------------------- the run's data
+
+
+def _moved_copy(processed_root, tmp_path, edit_meta=None):
+    copy = shutil.copytree(processed_root, tmp_path / "moved")
+    if edit_meta:
+        meta_path = copy / "CUHK-PEDES" / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        edit_meta(meta)
+        meta_path.write_text(json.dumps(meta))
+    return copy
+
+
+def test_resume_checks_the_data_and_accepts_a_moved_copy(processed_root, straight, tmp_path):
+    moved = _moved_copy(processed_root, tmp_path)
+    args = train.parse_args(["--resume", str(straight / "last.pt"), "--data_root", str(moved)])
+    state = train.read_resume(args)
+    train.check_resumed_data(args, state)  # the same data elsewhere: fine
+
+    other = _moved_copy(processed_root, tmp_path / "x", lambda m: m["annotation"].update(sha256="0" * 64))
+    with pytest.raises(SystemExit, match=r"is not the data .*last\.pt was trained on \(its annotation's sha256 is "
+                                         r"000000000000…"):
+        resume(straight / "last.pt", "--epochs", "4", "--data_root", str(other))
+    more = _moved_copy(processed_root, tmp_path / "y", lambda m: m["splits"]["train"].update(ids=99))
+    with pytest.raises(SystemExit, match="its splits are train 99 ids"):
+        resume(straight / "last.pt", "--epochs", "4", "--data_root", str(more))
+
+
+def test_a_class_count_mismatch_is_an_error_not_an_index_error(processed_root, straight, tmp_path):
+    state = load_checkpoint(straight / "last.pt")
+    del state["data"], state["format"]  # as a checkpoint written before the data was recorded
+    old = tmp_path / "old" / "last.pt"
+    save_checkpoint(state, old)
+    more = _moved_copy(processed_root, tmp_path, lambda m: m["splits"]["train"].update(ids=33))
+    with pytest.raises(SystemExit, match="has 33 training identities, but the run .* has a classifier over 32"):
+        resume(old, "--epochs", "4", "--data_root", str(more))
+
+
+def test_test_py_checks_the_data_but_evaluates_a_moved_copy(processed_root, straight, tmp_path):
+    other = _moved_copy(processed_root, tmp_path / "x", lambda m: m["splits"]["test"].update(images=1))
+    args = evaluate_script.get_args_parser().parse_args(
+        ["--checkpoint", str(straight / "best.pt"), "--data_root", str(other), "--workers", "0", "--no_progress",
+         "--device", "cpu", "--output_dir", str(tmp_path / "eval")])
+    with pytest.raises(SystemExit, match="is not the data .*best.pt was trained on"):
+        evaluate_script.main(args)
+    args.data_root = str(_moved_copy(processed_root, tmp_path))
+    assert evaluate_script.main(args) == 0 and (tmp_path / "eval" / "metrics.json").is_file()
+
+
+# ---------------------------------------------------------------- test.py's output folder
+
+
+def test_test_py_checks_its_output_folder_before_evaluating(straight, tmp_path, monkeypatch):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    monkeypatch.setattr(evaluate_script, "encode_split", lambda *a, **k: pytest.fail("evaluated first"))
+    args = evaluate_script.get_args_parser().parse_args(
+        ["--checkpoint", str(straight / "best.pt"), "--output_dir", str(tmp_path / "taken"), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--output_dir .*taken: cannot write there"):
+        evaluate_script.main(args)
+
+
+def test_visualize_never_writes_through_a_link_planted_in_the_output_folder(straight, tmp_path):
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"not to be touched")
+    pages = tmp_path / "eval" / "visualize"
+    pages.mkdir(parents=True)
+    (pages / "query_000.png").symlink_to(victim)
+    (tmp_path / "eval" / "metrics.json").symlink_to(victim)
+    args = evaluate_script.get_args_parser().parse_args(
+        ["--checkpoint", str(straight / "best.pt"), "--output_dir", str(tmp_path / "eval"), "--visualize", "1",
+         "--workers", "0", "--no_progress", "--device", "cpu"])
+    assert evaluate_script.main(args) == 0
+    assert victim.read_bytes() == b"not to be touched"
+    assert not (pages / "query_000.png").is_symlink() and (pages / "query_000.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["split"] == "test"
+
+
+# ---------------------------------------------------------------- numerical faults and save failures
+
+
+class _Faults:
+    """Patch for CFine.forward: on the listed training steps (1-based), a NaN batch of images (BN running statistics
+    and the loss go NaN), a NaN loss, or a finite loss whose gradients are NaN (the weights go NaN)."""
 
     def __init__(self, forward, steps):
         self.forward, self.steps, self.calls = forward, steps, 0
 
-    def __call__(self, model, *args, **kwargs):
-        out = self.forward(model, *args, **kwargs)
-        if model.training and out.loss is not None:
-            self.calls += 1
-            if self.steps is None or self.calls in self.steps:
-                out.loss = out.loss * float("nan")
+    def __call__(self, model, images, tokens, pids=None):
+        if not model.training or pids is None:
+            return self.forward(model, images, tokens, pids)
+        self.calls += 1
+        fault = self.steps.get(self.calls) if self.steps is not None else "loss"
+        out = self.forward(model, images * float("nan") if fault == "images" else images, tokens, pids)
+        if fault == "loss":
+            out.loss = out.loss * float("nan")
+        elif fault == "grads":
+            out.loss = _NaNGradient.apply(out.loss)
         return out
 
 
-def test_nonfinite_losses_are_skipped_and_counted(processed_root, tmp_path, monkeypatch):
-    patch = _NaNAfter(train.CFine.forward, steps={2, 3, 5})
+class _NaNGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _inject(monkeypatch, steps):
+    patch = _Faults(train.CFine.forward, steps)
     monkeypatch.setattr(train.CFine, "forward", lambda m, *a, **k: patch(m, *a, **k))
+    return patch
+
+
+def test_non_finite_steps_are_undone_whole_bn_statistics_and_weights_included(processed_root, tmp_path, monkeypatch,
+                                                                              capsys):
+    _inject(monkeypatch, {2: "images", 3: "loss", 5: "grads"})
     assert run_train(processed_root, tmp_path / "nan", "--epochs", "1") == 0
     row = rows(tmp_path / "nan")[0]
     assert row["skipped_steps"] == 3
     assert all(torch.isfinite(torch.tensor(v)) for k, v in row.items() if k.startswith("loss"))
+    state = load_checkpoint(tmp_path / "nan" / "last.pt")
+    for name, tensor in state["model"].items():  # BN running statistics and every weight
+        assert torch.isfinite(tensor.float()).all(), name
+    output = capsys.readouterr()
+    steps = int(re.search(r"(\d+) steps/epoch", output.out).group(1))
+    # BN runs 3 times a step (global, lg1, lg2): the undone steps left no trace in its statistics.
+    assert state["model"]["head.image_bn.num_batches_tracked"] == 3 * (steps - 3)
+    errors = output.err
+    assert "step 2: non-finite loss, step skipped (1 in a row, 1 in total)" in errors
+    assert "step 5: non-finite weights after the update, step undone (1 in a row, 3 in total)" in errors
 
 
-def test_too_many_nonfinite_losses_abort_and_keep_the_last_good_checkpoint(processed_root, tmp_path, monkeypatch):
-    out = tmp_path / "diverge"
-    assert run_train(processed_root, out, "--epochs", "1") == 0
+def test_divergence_keeps_the_last_good_checkpoint_and_names_it(straight, tmp_path, monkeypatch):
+    out = copy_run(straight, tmp_path)
     good = load_checkpoint(out / "last.pt")
-    patch = _NaNAfter(train.CFine.forward, steps=None)
-    monkeypatch.setattr(train.CFine, "forward", lambda m, *a, **k: patch(m, *a, **k))
-    with pytest.raises(SystemExit, match="diverged: 4 non-finite losses in a row"):
-        run_train(processed_root, out, "--epochs", "2", "--max_nonfinite", "4", "--resume", str(out / "last.pt"))
+    _inject(monkeypatch, None)
+    with pytest.raises(SystemExit, match=r"diverged at epoch 4: 4 steps in a row had a non-finite loss .*"
+                                         r"last\.pt holds the last good state"):
+        resume(out / "last.pt", "--epochs", "4", "--max_nonfinite", "4")
     kept = load_checkpoint(out / "last.pt")
-    assert kept["epoch"] == 1
+    assert kept["epoch"] == 3
     assert_same_weights(kept["model"], good["model"])
+
+
+def test_divergence_before_any_checkpoint_says_so(processed_root, tmp_path, monkeypatch):
+    _inject(monkeypatch, None)
+    with pytest.raises(SystemExit, match="diverged at epoch 1: .*no checkpoint of this run was written yet") as error:
+        run_train(processed_root, tmp_path / "new", "--epochs", "1", "--max_nonfinite", "3")
+    assert "last.pt" not in str(error.value) and not (tmp_path / "new" / "last.pt").exists()
+
+
+def test_a_failing_save_is_a_clear_error_and_keeps_the_previous_checkpoint(straight, tmp_path, monkeypatch):
+    out = copy_run(straight, tmp_path)
+    before = (out / "last.pt").read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr("utils.checkpoint.torch.save", disk_full)
+    monkeypatch.setattr(train, "StopRequest", lambda: StopAfter(1))
+    with pytest.raises(SystemExit, match=r"last\.pt: could not be written .*file write failed.*unchanged"):
+        resume(out / "last.pt", "--epochs", "4")
+    assert (out / "last.pt").read_bytes() == before
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------- settings and boundaries
 
 
 def test_config_file_values_and_flag_overrides(tmp_path):
@@ -119,16 +370,6 @@ def test_config_file_values_and_flag_overrides(tmp_path):
         train.parse_args(["--config", str(config)])
 
 
-def test_repository_configs_parse_and_hold_the_spec_hyperparameters():
-    for name in ("cuhk_pedes", "icfg_pedes", "rstpreid"):
-        args = train.parse_args(["--config", str(REPO / "configs" / f"{name}.json")])
-        assert (args.batch_size, args.epochs, args.lr_head, args.lr_image, args.lr_text, args.wd_image) == (
-            32, 50, 1e-4, 1e-5, 1e-5, 4e-5)
-        assert (args.warmup_epochs, args.warmup_start, args.milestones, args.seed) == (10, 0.01, [20, 25, 35], 42)
-    demo = train.parse_args(["--config", str(REPO / "configs" / "demo.json")])
-    assert demo.clip == "none" and demo.clip_arch == "tiny"
-
-
 def test_missing_processed_data_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match=r"does not exist: run `bash data\.sh"):
         run_train(tmp_path / "nowhere", tmp_path / "out", "--epochs", "1")
@@ -139,17 +380,7 @@ def test_batch_larger_than_the_data_is_a_clear_error(processed_root, tmp_path):
         run_train(processed_root, tmp_path / "out", "--epochs", "1", "--batch_size", "100000")
 
 
-def test_resume_defaults_to_the_runs_data_and_folder(processed_root, tmp_path):
-    out = tmp_path / "run"
-    assert run_train(processed_root, out, "--epochs", "1") == 0
-    args = train.parse_args(["--resume", str(out / "last.pt"), "--epochs", "2", *TINY_TRAIN_FLAGS])
-    assert args.data_root is None and args.output_dir is None
-    assert train.main(args) == 0
-    assert args.data_root == str(processed_root) and args.output_dir == str(out)
-    assert [r["epoch"] for r in rows(out)] == [1, 2]
-
-
-def test_clip_path_loads_pretrained_weights_into_the_encoders(tmp_path):
+def test_clip_path_loads_pretrained_weights_into_the_encoders(tmp_path, capsys):
     from clip.config import CLIPConfig
     from clip.model import CLIP
 
@@ -160,5 +391,13 @@ def test_clip_path_loads_pretrained_weights_into_the_encoders(tmp_path):
     model = train.build_model(args, num_classes=7)
     assert_same_weights(model.clip.state_dict(), pretrained.state_dict())
     assert model.config.num_classes == 7 and model.config.clip == pretrained.config
-    with pytest.raises(SystemExit, match="--clip: .*no-such.pt"):
-        train.build_model(train.parse_args(["--clip", str(tmp_path / "no-such.pt")]), num_classes=7)
+    with pytest.raises(SystemExit, match="--clip: .*damaged.pt: cannot be read"):
+        (tmp_path / "damaged.pt").write_bytes(b"not a checkpoint")
+        train.build_model(train.parse_args(["--clip", str(tmp_path / "damaged.pt")]), num_classes=7)
+    torch.save(CLIP(CLIPConfig.tiny()).state_dict(), tmp_path / "square.pt")  # 32x32: its grid can be resized
+    with pytest.raises(SystemExit, match="image_size takes multiples of the patch size 8 of --clip .*square.pt"):
+        train.build_model(train.parse_args(["--clip", str(tmp_path / "square.pt"), "--image_size", "60", "32"]), 7)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train.parse_args(["--clip", str(tmp_path / "no-such.pt")])
+    assert "no-such.pt: no such file; clip takes a released name" in capsys.readouterr().err

@@ -1,10 +1,10 @@
 """utils/visualize.py: ranked-gallery pages with coloured frames, and training curves."""
 import json
 
-import pytest
 from PIL import Image
 
-from utils.visualize import GREEN, RED, plot_training_curves, ranking_page
+from utils.curves import plot_training_curves
+from utils.visualize import GREEN, RED, ranking_page
 
 
 def test_ranking_page_frames_matches_green_and_others_red(tmp_path):
@@ -23,16 +23,21 @@ def test_ranking_page_frames_matches_green_and_others_red(tmp_path):
         assert page.getpixel((8 + 2 * 48 + 2, frame_y)) == RED
 
 
-def test_training_curves_from_metrics_jsonl(tmp_path):
-    rows = [{"epoch": 0, "R1": 5.0, "mAP": 9.0}] + [
-        {"epoch": e, "loss": 100.0 / e, "loss_cmpm": 10.0 / e, "R1": 10.0 * e, "mAP": 8.0 * e} for e in (1, 2, 3)]
+def test_pictures_replace_a_planted_link_instead_of_writing_through_it(tmp_path):
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"not to be touched")
+    gallery = tmp_path / "g.png"
+    Image.new("RGB", (20, 40), (0, 0, 255)).save(gallery)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("page.png", "curves.png"):
+        (out / name).symlink_to(victim)
+    ranking_page("a caption", [str(gallery)], [True], out / "page.png", tile=(40, 80))
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    plot_training_curves(metrics, tmp_path / "curves.png")
-    with Image.open(tmp_path / "curves.png") as image:
-        assert image.size == (900, 640)
-        colours = {image.convert("RGB").getpixel((x, y)) for x in range(20, 720, 3) for y in range(30, 620, 3)}
-        assert len(colours) > 4  # lines were drawn, not just the frames
-    metrics.write_text("")
-    with pytest.raises(ValueError, match="no epochs recorded"):
-        plot_training_curves(metrics, tmp_path / "empty.png")
+    metrics.write_text(json.dumps({"epoch": 1, "loss": 2.0, "R1": 10.0}) + "\n")
+    plot_training_curves(metrics, out / "curves.png")
+    assert victim.read_bytes() == b"not to be touched"
+    for name in ("page.png", "curves.png"):
+        assert not (out / name).is_symlink()
+        with Image.open(out / name) as image:
+            assert image.format == "PNG"

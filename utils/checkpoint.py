@@ -1,9 +1,7 @@
 """Atomic checkpoint files: one dict per checkpoint, written to a temporary file and renamed."""
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +10,8 @@ import torch
 from models.cfine import CFine
 from models.config import CFineConfig
 
+from .files import atomic_write, write_json  # noqa: F401  (write_json: re-exported for the scripts that import it here)
+
 FORMAT = "cfine-checkpoint-v1"
 
 
@@ -19,41 +19,20 @@ class CheckpointFileError(RuntimeError):
     """A training checkpoint that cannot be used; the message names the file and the problem."""
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call write(file_object) on a temporary file beside path, fsync it, then rename it over path.
-
-    On any failure (out of disk, interrupt) the temporary file is removed and path keeps its old content.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """torch.save(state) atomically; the previous file at path stays valid if saving fails."""
+    """torch.save(state) atomically; the previous file at path stays valid if saving fails.
+
+    A full disk reaches here as OSError (from the file system) or as RuntimeError (torch.save's own writer
+    reports "file write failed"); both get the same message.
+    """
     state = {"format": FORMAT, **state}
     try:
         atomic_write(path, lambda f: torch.save(state, f))
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
         raise CheckpointFileError(
             f"{path}: could not be written ({error}); the previous checkpoint there, if any, is unchanged. "
             "Free disk space or choose another --output_dir"
         ) from error
-
-
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON atomically (indented, UTF-8)."""
-    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode("utf-8")))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

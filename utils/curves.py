@@ -51,7 +51,7 @@ def training_curves_figure(rows: list[dict]) -> Figure:
         split = best.get("eval_split", "val")
         metrics.axvline(best["epoch"], color="grey", linestyle="--",
                         label=f"best R@1 {best['R1']:.2f} (epoch {best['epoch']}, {split})")
-    splits = sorted({row.get("eval_split", "val") for row in scored})
+    splits = [s for s in ("val", "test") if any(row.get("eval_split", "val") == s for row in scored)]
     metrics.set_title("text-to-image retrieval on " + " and ".join(splits) + " (circle = val, square = test)")
     metrics.set_xlabel("epoch")
     metrics.set_ylabel("%")

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from datasets.build import default_workers
+
 # Collectives wait this long for a late rank (rank 0 writing a checkpoint, a slow evaluation) before failing.
 TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -57,8 +59,6 @@ def loader_workers(requested: int | None, info: DistInfo) -> int | None:
     """--workers as given; by default (None) under torchrun the node's cores shared among its training processes."""
     if requested is not None or not info.enabled:
         return requested  # None: the loaders' own default (cores - 1, at most 8)
-    from datasets.build import default_workers  # here, so models/ importing this module does not load datasets/
-
     return default_workers(processes=info.local_world_size)
 
 

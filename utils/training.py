@@ -56,6 +56,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class TrainingStopped(Exception):
+    """Raised after the step during which SIGINT/SIGTERM arrived; `step` steps of the epoch are done."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped after step {step}")
+        self.step = step
+
+
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag that the loop checks after each step (a second signal exits at once)."""
 
@@ -80,23 +88,3 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
-
-
-class NonFiniteGuard:
-    """Counts steps skipped for a non-finite loss; too many in a row means training has diverged."""
-
-    def __init__(self, limit: int = 50):
-        self.limit, self.in_a_row, self.total = limit, 0, 0
-
-    def skip(self, loss: torch.Tensor) -> bool:
-        """True if this step's loss is NaN/inf (the step must be skipped). One device sync per step."""
-        if bool(torch.isfinite(loss)):
-            self.in_a_row = 0
-            return False
-        self.in_a_row += 1
-        self.total += 1
-        return True
-
-    @property
-    def diverged(self) -> bool:
-        return self.in_a_row >= self.limit

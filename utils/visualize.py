@@ -1,17 +1,15 @@
-"""Pictures of results: ranked galleries for text queries, and training curves from metrics.jsonl (Pillow only)."""
+"""Pictures of results: ranked galleries for text queries (Pillow; training curves are utils/curves.py)."""
 from __future__ import annotations
 
-import json
-import math
 import textwrap
 from pathlib import Path
 from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .files import atomic_write
+
 GREEN, RED, BLACK, WHITE = (40, 170, 60), (210, 40, 40), (20, 20, 20), (255, 255, 255)
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -19,6 +17,12 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has no sized default font
         return ImageFont.load_default()
+
+
+def save_picture(image: Image.Image, out_path: str | Path) -> None:
+    """Save as the file extension says (PNG, JPEG, ...), atomically: never through a link planted at out_path."""
+    kind = Image.registered_extensions().get(Path(out_path).suffix.lower(), "PNG")
+    atomic_write(out_path, lambda f: image.save(f, format=kind))
 
 
 def ranking_page(caption: str, image_paths: Sequence[str], is_match: Sequence[bool], out_path: str | Path,
@@ -42,57 +46,4 @@ def ranking_page(caption: str, image_paths: Sequence[str], is_match: Sequence[bo
         draw.rectangle([x, y, x + width - 1, y + height - 1], fill=GREEN if match else RED)
         page.paste(picture, (x + border, y + border))
         draw.text((x + width // 2 - 6, y + height + 2), str(rank + 1), fill=BLACK, font=_font(12))
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    page.save(out_path)
-
-
-def _polyline_chart(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
-                    series: dict[str, list[tuple[float, float]]], log_scale: bool = False) -> None:
-    """Lines of (x, y) points in box; log_scale plots log10(y) (losses span orders of magnitude)."""
-    left, top, right, bottom = box
-    if log_scale:
-        series = {name: [(x, math.log10(y)) for x, y in values if y > 0] for name, values in series.items()}
-        title += " (log10 scale)"
-    font = _font(12)
-    draw.rectangle(box, outline=BLACK)
-    draw.text((left + 4, top - 16), title, fill=BLACK, font=font)
-    points = [p for values in series.values() for p in values]
-    if not points:
-        draw.text((left + 10, top + 10), "no data", fill=BLACK, font=font)
-        return
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-    draw.text((left + 2, top + 2), f"{y1:.3g}", fill=BLACK, font=font)
-    draw.text((left + 2, bottom - 14), f"{y0:.3g}", fill=BLACK, font=font)
-    draw.text((right - 60, bottom + 2), f"epoch {x1:g}", fill=BLACK, font=font)
-
-    def to_pixel(x: float, y: float) -> tuple[float, float]:
-        return (left + 40 + (x - x0) / (x1 - x0) * (right - left - 50),
-                bottom - 10 - (y - y0) / (y1 - y0) * (bottom - top - 20))
-
-    for i, (name, values) in enumerate(series.items()):
-        colour = PALETTE[i % len(PALETTE)]
-        pixels = [to_pixel(x, y) for x, y in values]
-        if len(pixels) > 1:
-            draw.line(pixels, fill=colour, width=2)
-        for px, py in pixels:
-            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-        draw.text((right + 8, top + 16 * i), name, fill=colour, font=font)
-
-
-def plot_training_curves(metrics_jsonl: str | Path, out_path: str | Path) -> None:
-    """Loss parts and retrieval metrics (R1, mAP) per epoch from train.py's metrics.jsonl, as one PNG."""
-    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
-    if not rows:
-        raise ValueError(f"{metrics_jsonl}: no epochs recorded yet")
-    loss_keys = sorted({k for row in rows for k in row if k.startswith("loss")})
-    metric_keys = [k for k in ("R1", "mAP", "mINP") if any(k in row for row in rows)]
-    losses = {k: [(row["epoch"], row[k]) for row in rows if k in row] for k in loss_keys}
-    metrics = {k: [(row["epoch"], row[k]) for row in rows if k in row] for k in metric_keys}
-    page = Image.new("RGB", (900, 640), WHITE)
-    draw = ImageDraw.Draw(page)
-    _polyline_chart(draw, (20, 30, 720, 300), "training losses", losses, log_scale=True)
-    _polyline_chart(draw, (20, 350, 720, 620), "retrieval (text-to-image, %)", metrics)
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    page.save(out_path)
+    save_picture(page, out_path)
