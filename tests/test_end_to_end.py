@@ -14,7 +14,8 @@ from utils.checkpoint import load_checkpoint
 
 
 def run(*command, cwd=REPO):
-    env = {**os.environ, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
+    # One intra-op thread, as tests/test_distributed.py's torchrun: two made training 20x slower on a busy 2-core runner.
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout

@@ -19,6 +19,7 @@ from utils import distributed
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.training import StopRequest
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 TIMING_KEYS = ("seconds", "pairs_per_s")
 # The run every resume below must reproduce: its length, evaluation cadence and limits are not the defaults.
 RUN_FLAGS = [*TINY_TRAIN_FLAGS, "--epochs", "3", "--eval_every", "2", "--max_nonfinite", "7"]
@@ -68,6 +69,16 @@ class StopAfter(StopRequest):
         return self.left < 0
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for the whole module (module fixtures included) and its subprocess: on a busy 2-core
+    runner two threads made an epoch 20x slower, and runs compared bit for bit must use the same thread count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def straight(processed_root, tmp_path_factory):
     """The uninterrupted run (3 epochs, evaluated after epochs 2 and 3)."""
@@ -102,7 +113,7 @@ def test_sigterm_mid_epoch_saves_and_the_printed_command_reproduces_the_run(proc
     out = tmp_path / "interrupted"
     command = [sys.executable, "train.py", "--data_root", str(processed_root), "--output_dir", str(out), *RUN_FLAGS]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD})
     for line in process.stdout:  # the first epoch's JSON row is printed after its checkpoint is written
         if line.startswith('{"epoch": 1,'):
             process.send_signal(signal.SIGTERM)

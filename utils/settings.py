@@ -8,7 +8,7 @@ what `--resume` does with a setting:
 - KEPT says how this machine runs it (device, loader workers, the data's location): taken from the
   checkpoint unless given.
 - COMMAND belongs to one command only (the config file, the checkpoint to resume, where to write).
-So `python train.py --resume RUN/last.pt` alone continues a run exactly as it would have gone on.
+So `python train.py --resume runs/x/last.pt` alone continues a run exactly as it would have gone on.
 """
 from __future__ import annotations
 
