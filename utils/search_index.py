@@ -11,7 +11,6 @@ link rather than writing through it; an INDEX that is itself a symlink is refuse
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
@@ -21,6 +20,7 @@ from typing import Iterable
 
 import numpy as np
 
+from clip.loading import sha256_file
 from datasets.image_folder import ImageFile, inside
 
 from .checkpoint import atomic_write
@@ -35,18 +35,9 @@ class SearchIndexError(RuntimeError):
     """An index folder that cannot be used or written; the message names it and says what to do."""
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA256 of a file's bytes, read in 1 MiB pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for piece in iter(lambda: f.read(1 << 20), b""):
-            digest.update(piece)
-    return digest.hexdigest()
-
-
 def checkpoint_identity(path: str | os.PathLike) -> dict:
     """What an index records about the model that encoded it: the checkpoint's absolute path and SHA256."""
-    return {"path": os.path.abspath(path), "sha256": file_sha256(path)}
+    return {"path": os.path.abspath(path), "sha256": sha256_file(path)}
 
 
 @dataclass

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
+from clip.loading import sha256_file
 from models.cfine import CFine, retrieval_features
 
 from .checkpoint import load_model
 from .gallery_search import top_k
-from .search_index import FEATURE, SearchIndex, SearchIndexError, file_sha256, read_index
+from .search_index import FEATURE, SearchIndex, SearchIndexError, read_index
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def load_text_search(location: str | os.PathLike, device: torch.device,
     if not path.is_file():
         raise SearchIndexError(f"{location} was built with the checkpoint {path}, which no longer exists; pass its "
                                "new location with --checkpoint, or rebuild the index with another checkpoint")
-    if file_sha256(path) != recorded:
+    if sha256_file(path) != recorded:
         raise SearchIndexError(f"{path} is not the checkpoint {location} was built with (its SHA256 differs from the "
                                f"recorded {recorded[:12]}...): its text features would not match the stored image "
                                "features. Pass the original file with --checkpoint, or rebuild the index")
