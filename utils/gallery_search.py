@@ -50,13 +50,14 @@ def _as_tensor(rows) -> Tensor:
 
 
 @torch.no_grad()
-def top_k(queries: Tensor, gallery, k: int, chunk_rows: int = CHUNK_ROWS, block_rows: int = BLOCK_ROWS,
+def top_k(queries: Tensor, gallery, k: int, chunk_rows: int | None = None, block_rows: int = BLOCK_ROWS,
           cpu_threads: int | None = 1) -> TopK:
     """Exact top-k of s = q . g^T per query row over every gallery row (ties: lower index first).
 
     queries: (Q, D) float on the device the work runs on; gallery: (N, D) tensor or NumPy array (a writable
     memmap avoids copies), any float dtype, on the CPU or the queries' device. k is clipped to N. Extra
-    memory: one (chunk_rows, D) fp32 buffer plus Q x block_rows x 12 bytes, whatever N is. On the CPU the scan
+    memory: one (chunk_rows, D) fp32 buffer plus Q x block_rows x 12 bytes, whatever N is; chunk_rows defaults
+    to CHUNK_ROWS on the CPU and to block_rows on a GPU (fewer, larger kernels). On the CPU the scan
     runs on cpu_threads intra-op threads (None: torch's setting): its small cache-sized products gain little
     from more, and on a busy machine each one waits for the slowest thread (benchmarks/search_speed.py
     --threads 1 2 on 2 shared cores, 10^6 x 1536, one query: 0.56 s on one thread, 2.6 s on two).
@@ -69,6 +70,7 @@ def top_k(queries: Tensor, gallery, k: int, chunk_rows: int = CHUNK_ROWS, block_
     queries = queries.float()
     device, num_queries = queries.device, len(queries)
     k = min(k, num_gallery)
+    chunk_rows = chunk_rows or (CHUNK_ROWS if device.type == "cpu" else block_rows)
     block_rows = max(block_rows, chunk_rows)
     chunk = torch.empty(chunk_rows, queries.shape[1], device=device)
     scores = torch.empty(num_queries, min(block_rows, num_gallery), device=device)

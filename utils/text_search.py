@@ -37,17 +37,19 @@ class TextSearch:
         self.gallery = torch.from_numpy(index.features).to(device) if device.type != "cpu" else index.features
 
     @torch.no_grad()
-    def search(self, captions: list[str], k: int) -> list[list[Hit]]:
-        """Top-k images per caption, best first (ties: lower index first, as test.py's metrics)."""
+    def search(self, captions: list[str], k: int, batch_size: int = 128) -> list[list[Hit]]:
+        """Top-k images per caption, best first (ties: lower index first, as test.py's metrics), batch by batch."""
         if not self.index.images:
             raise SearchIndexError(f"{self.index.location} holds no images: run `search.py index` on a folder "
                                    "with readable images")
-        tokens = self.model.tokenize(list(captions), warn_truncated=True).to(self.device)
-        queries = retrieval_features(self.model.encode_texts(tokens).float(), FEATURE)
-        best = top_k(queries, self.gallery, k)
-        scores, indices = best.scores.tolist(), best.indices.tolist()
-        return [[Hit(rank + 1, score, self.index.images[i].path) for rank, (score, i) in enumerate(zip(s, rows))]
-                for s, rows in zip(scores, indices)]
+        results = []
+        for start in range(0, len(captions), batch_size):
+            tokens = self.model.tokenize(list(captions[start:start + batch_size]), warn_truncated=True)
+            queries = retrieval_features(self.model.encode_texts(tokens.to(self.device)).float(), FEATURE)
+            best = top_k(queries, self.gallery, k)
+            results += [[Hit(rank + 1, score, self.index.images[i].path) for rank, (score, i) in enumerate(zip(s, rows))]
+                        for s, rows in zip(best.scores.tolist(), best.indices.tolist())]
+        return results
 
 
 def load_text_search(location: str | os.PathLike, device: torch.device,
