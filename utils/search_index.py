@@ -49,13 +49,13 @@ class SearchIndex:
     checkpoint: dict
     images: list[ImageFile]
     features: np.ndarray  # (N, D) float16, memory-mapped copy-on-write (writable for torch, never written)
-    _rows: dict[str, int] = field(default_factory=dict, repr=False)
+    _listed: set[str] = field(default_factory=set, repr=False)
 
     def servable_file(self, relative: str) -> Path | None:
         """The file behind an indexed relative path if it still resolves inside the image folder, else None."""
-        if not self._rows:
-            self._rows.update((image.path, row) for row, image in enumerate(self.images))
-        if relative not in self._rows:
+        if not self._listed:
+            self._listed.update(image.path for image in self.images)
+        if relative not in self._listed:
             return None
         path = Path(os.path.realpath(self.image_root / relative))
         return path if inside(path, Path(os.path.realpath(self.image_root))) and path.is_file() else None
