@@ -8,6 +8,7 @@ on the page; an unexpected failure gets 500 and a short page, the traceback goin
 from __future__ import annotations
 
 import mimetypes
+import os
 import threading
 import traceback
 import warnings
@@ -41,6 +42,12 @@ def parse_search(query_string: str) -> tuple[str | None, int]:
     return query, int(raw_k)
 
 
+def _shown(path) -> str:
+    """A path as the page shows it: relative to the working folder when inside it (shorter, no home folder)."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
 class SearchServer(ThreadingHTTPServer):
     """Holds the search; requests run in threads, searches one at a time (bounded memory, one model)."""
 
@@ -50,7 +57,8 @@ class SearchServer(ThreadingHTTPServer):
         super().__init__(address, SearchHandler)
         self.search, self.lock = search, threading.Lock()
         index = search.index
-        self.about = (f"{len(index.images)} images in {index.image_root} · checkpoint {index.checkpoint['path']}")
+        self.about = (f"{len(index.images)} images in {_shown(index.image_root)} · "
+                      f"checkpoint {_shown(index.checkpoint['path'])}")
 
 
 class SearchHandler(BaseHTTPRequestHandler):
