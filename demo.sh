@@ -30,3 +30,7 @@ echo "== 4/4 test.py on the test split, with visualisations and training curves"
 python test.py --checkpoint "$DEMO_DIR/train/best.pt" --split test --visualize 8 --plot
 
 echo "Done. Results: $DEMO_DIR/train/metrics.jsonl, $DEMO_DIR/train/eval_test/{metrics.json,visualize/,training_curves.png}"
+echo
+echo "Search the demo's photos with your own sentence (first 'source .venv/bin/activate'):"
+echo "  python search.py index --checkpoint $DEMO_DIR/train/best.pt --images $DEMO_DIR/raw/CUHK-PEDES/imgs --out $DEMO_DIR/search_index"
+echo "  python search.py serve --index $DEMO_DIR/search_index      # then open http://127.0.0.1:8000/?q=a+woman+in+a+red+coat"

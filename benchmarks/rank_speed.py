@@ -80,15 +80,22 @@ def make_inputs(args):
 
 
 class PeakRSS:
-    """Peak resident-set growth (bytes) of this process while active, sampled from /proc/self/statm."""
+    """Peak resident-set growth (bytes) of this process while active, sampled from /proc/self/statm.
+
+    growth counts every resident page; anon_growth leaves out file-backed ones (memory-mapped files
+    live in the page cache, shared and reclaimable), so it is the memory the process itself allocated.
+    """
 
     def __init__(self, period_s=0.0005):
         self.period_s = period_s
         self.page = os.sysconf("SC_PAGE_SIZE")
 
     def rss(self):
+        """(resident, resident minus file-backed and shared) bytes."""
         with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * self.page
+            fields = statm.read().split()
+        resident, shared = int(fields[1]) * self.page, int(fields[2]) * self.page
+        return resident, resident - shared
 
     def __enter__(self):
         self.start = self.peak = self.rss()
@@ -99,14 +106,19 @@ class PeakRSS:
 
     def _sample(self):
         while not self.stop.is_set():
-            self.peak = max(self.peak, self.rss())
+            self._update()
             time.sleep(self.period_s)
+
+    def _update(self):
+        now = self.rss()
+        self.peak = tuple(max(p, n) for p, n in zip(self.peak, now))
 
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join()
-        self.peak = max(self.peak, self.rss())
-        self.growth = self.peak - self.start
+        self._update()
+        self.growth = self.peak[0] - self.start[0]
+        self.anon_growth = self.peak[1] - self.start[1]
 
 
 def measure(fn, similarity, query_pids, gallery_pids, device):

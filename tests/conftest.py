@@ -1,10 +1,13 @@
 """Shared fixtures: one small synthetic benchmark, prepared by data.sh's module, per test session."""
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+import train
 from datasets import prepare, synthetic
+from datasets.processed import load_split
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,6 +24,27 @@ def processed_root(tmp_path_factory) -> Path:
     synthetic.generate(base / "raw", "CUHK-PEDES", ids=40, images_per_id=3, seed=1)
     out = base / "processed_data"
     assert prepare.main([str(base / "raw"), "CUHK-PEDES", "--out", str(out), "--workers", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(processed_root, tmp_path_factory) -> Path:
+    """best.pt of the tiny model trained one epoch on processed_root (for tests that need a real checkpoint)."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    args = train.parse_args(["--data_root", str(processed_root), "--output_dir", str(out), *TINY_TRAIN_FLAGS,
+                             "--epochs", "1"])
+    assert train.main(args) == 0
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def test_split_photos(processed_root, tmp_path_factory) -> Path:
+    """The test split's images copied into a folder of their own (relative paths kept): a user's photo folder."""
+    split = load_split(processed_root / "CUHK-PEDES", "test")
+    out = tmp_path_factory.mktemp("photos")
+    for record in split.records:
+        (out / record["image"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(split.image_root / record["image"], out / record["image"])
     return out
 
 

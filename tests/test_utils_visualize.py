@@ -4,7 +4,7 @@ import json
 from PIL import Image
 
 from utils.curves import plot_training_curves
-from utils.visualize import GREEN, RED, ranking_page
+from utils.visualize import GREEN, GREY, RED, ranking_page
 
 
 def test_ranking_page_frames_matches_green_and_others_red(tmp_path):
@@ -21,6 +21,21 @@ def test_ranking_page_frames_matches_green_and_others_red(tmp_path):
         assert page.getpixel((8 + 2, frame_y)) == GREEN
         assert page.getpixel((8 + 48 + 2, frame_y)) == RED
         assert page.getpixel((8 + 2 * 48 + 2, frame_y)) == RED
+
+
+def test_ranking_page_without_ground_truth_frames_grey_and_writes_labels(tmp_path):
+    paths = []
+    for i in range(2):
+        Image.new("RGB", (20, 40), (0, 0, 255)).save(tmp_path / f"g{i}.png")
+        paths.append(str(tmp_path / f"g{i}.png"))
+    ranking_page("someone", paths, None, tmp_path / "plain.png", tile=(80, 80), labels=["1: 0.812", "2: 0.500"])
+    ranking_page("someone", paths, None, tmp_path / "numbers.png", tile=(80, 80))
+    with Image.open(tmp_path / "plain.png") as page, Image.open(tmp_path / "numbers.png") as numbers:
+        frame_y = page.height - 18 - 8 - 80 + 2
+        assert page.convert("RGB").getpixel((8 + 2, frame_y)) == GREY
+        assert page.convert("RGB").getpixel((8 + 88 + 2, frame_y)) == GREY
+        label_row = (0, page.height - 18, page.width, page.height)
+        assert page.crop(label_row).tobytes() != numbers.crop(label_row).tobytes()  # the labels were drawn
 
 
 def test_pictures_replace_a_planted_link_instead_of_writing_through_it(tmp_path):

@@ -89,7 +89,7 @@ def _rank_in_chunks(score_rows, shape, device, query_pids, gallery_pids, ks, chu
         n = len(scores)
         torch.add(scores, 0.0, out=values[:n])  # fp32 copy (contiguous even for a transposed view); -0.0 -> +0.0
         has_nan |= values[:n].amax().isnan()  # amax propagates NaN: one pass instead of isnan + any
-        _order_bits(values[:n].view(torch.int32), out=score_words[:n])
+        order_bits(values[:n].view(torch.int32), out=score_words[:n])
         ident = query_ident[start:start + chunk_size]
         pos_index, valid, count = (t.index_select(0, ident) for t in (pos_table, pos_valid, pos_count))
         ranks = _positive_ranks(keys[:n], pos_index, valid, out=slot[:n])
@@ -180,8 +180,11 @@ def _key_words(keys: Tensor) -> Tensor:
     return words[..., high]
 
 
-def _order_bits(bits: Tensor, out: Tensor) -> Tensor:
-    """Map fp32 bit patterns to int32 that order like the floats (the high word of each int64 key)."""
+def order_bits(bits: Tensor, out: Tensor) -> Tensor:
+    """Map fp32 bit patterns to int32 that order like the floats (the high word of each int64 key).
+
+    The map is its own inverse, so order_bits(order_bits(b)) == b gives the float back.
+    """
     # IEEE floats order like sign-magnitude ints; flipping the magnitude bits of negatives makes
     # them order like two's-complement ints, so integer comparison equals float comparison.
     torch.bitwise_right_shift(bits, 31, out=out)
