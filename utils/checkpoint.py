@@ -10,7 +10,7 @@ import torch
 from models.cfine import CFine
 from models.config import CFineConfig
 
-from .files import atomic_write, write_json  # noqa: F401  (write_json: re-exported for the scripts that import it here)
+from .files import atomic_write
 
 FORMAT = "cfine-checkpoint-v1"
 
