@@ -33,6 +33,8 @@ from utils.training import autocast, resolve_amp
 from utils.visualize import ranking_page
 
 SHOWN = 10  # unreadable images listed by name; the rest are counted
+THREADS_HELP = ("CPU threads scanning the features (default 1: more help on an idle many-core machine and "
+                "can be much slower on a busy one; see utils/gallery_search.py)")
 
 
 def positive_int(text: str) -> int:
@@ -66,6 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     query.add_argument("--page", help="also draw OUT.png: the sentence and its top-k images (OUT-2.png... for more)")
     query.add_argument("--checkpoint", help="the index's checkpoint if it moved (the same file: its SHA256 is checked)")
     query.add_argument("--device", default=default_device)
+    query.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
 
     serve = commands.add_parser("serve", help="a local web page: a search box and a grid of ranked images")
     serve.add_argument("--index", required=True, help="folder written by `search.py index`")
@@ -73,6 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
     serve.add_argument("--checkpoint", help="the index's checkpoint if it moved (the same file: its SHA256 is checked)")
     serve.add_argument("--device", default=default_device)
+    serve.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
     return parser
 
 
@@ -149,7 +153,7 @@ def query_index(args: argparse.Namespace) -> int:
     if any(not s.strip() for s in args.sentences):
         raise SystemExit("query: a SENTENCE is empty; describe the person to find")
     try:
-        search = load_text_search(args.index, torch.device(args.device), args.checkpoint)
+        search = load_text_search(args.index, torch.device(args.device), args.checkpoint, args.threads)
         results = search.search(args.sentences, args.top_k)
     except (CheckpointFileError, SearchIndexError) as error:
         raise SystemExit(str(error)) from None
@@ -175,7 +179,7 @@ def query_index(args: argparse.Namespace) -> int:
 def serve_index(args: argparse.Namespace) -> int:
     """`serve`: the search page on host:port until Ctrl-C."""
     try:
-        search = load_text_search(args.index, torch.device(args.device), args.checkpoint)
+        search = load_text_search(args.index, torch.device(args.device), args.checkpoint, args.threads)
     except (CheckpointFileError, SearchIndexError) as error:
         raise SystemExit(str(error)) from None
     try:

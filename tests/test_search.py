@@ -197,6 +197,11 @@ def test_index_updates_only_what_changed_and_query_prints_rankings(tiny_checkpoi
     with Image.open(tmp_path / "page.png") as page:
         assert page.width > 3 * 96
     assert (tmp_path / "page-2.png").is_file()
+    assert run_search("query", "--index", index, "--device", "cpu", "--top_k", "3", "--json", "--threads", "2",
+                      "a man in a blue shirt") == 0
+    alone = json.loads(capsys.readouterr().out)["results"]  # encoded alone and scanned on two threads
+    assert [r["path"] for r in alone] == [r["path"] for r in lines[0]["results"]]
+    assert [r["score"] for r in alone] == pytest.approx(scores, abs=1e-6)
     with pytest.raises(SystemExit, match="not the checkpoint.*was built with"):
         run_search("query", "--index", index, "--checkpoint", other, "--device", "cpu", "someone")
 

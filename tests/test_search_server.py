@@ -1,12 +1,12 @@
 """search.py serve: request parsing and escaping, then the real server over HTTP and in headless Chromium."""
 import http.client
 import os
-import select
+import queue
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -46,16 +46,20 @@ def test_page_escapes_user_and_file_text():
 
 def wait_for_url(process: subprocess.Popen) -> str:
     """The URL the server prints once it listens; fails with its output if it exits or stays silent."""
-    deadline = time.monotonic() + STARTUP_S
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    seen, deadline = [], time.monotonic() + STARTUP_S
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"search.py serve exited with {process.returncode}:\n{process.stdout.read()}")
-        ready, _, _ = select.select([process.stdout], [], [], 1.0)
-        if ready:
-            line = process.stdout.readline()
-            if " at http://" in line:
-                return line.split(" at ", 1)[1].split()[0]
-    pytest.fail(f"search.py serve printed no URL within {STARTUP_S} s")
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            if process.poll() is not None and lines.empty():
+                pytest.fail(f"search.py serve exited with {process.returncode}:\n{''.join(seen)}")
+            continue
+        seen.append(line)
+        if " at http://" in line:
+            return line.split(" at ", 1)[1].split()[0]
+    pytest.fail(f"search.py serve printed no URL within {STARTUP_S} s:\n{''.join(seen)}")
 
 
 @pytest.fixture(scope="module")

@@ -58,9 +58,10 @@ def top_k(queries: Tensor, gallery, k: int, chunk_rows: int | None = None, block
     memmap avoids copies), any float dtype, on the CPU or the queries' device. k is clipped to N. Extra
     memory: one (chunk_rows, D) fp32 buffer plus Q x block_rows x 12 bytes, whatever N is; chunk_rows defaults
     to CHUNK_ROWS on the CPU and to block_rows on a GPU (fewer, larger kernels). On the CPU the scan
-    runs on cpu_threads intra-op threads (None: torch's setting): its small cache-sized products gain little
-    from more, and on a busy machine each one waits for the slowest thread (benchmarks/search_speed.py
-    --threads 1 2 on 2 shared cores, 10^6 x 1536, one query: 0.56 s on one thread, 2.6 s on two).
+    runs on cpu_threads intra-op threads (None: torch's setting). One is the robust default: every small
+    cache-sized product waits for its slowest thread, so on a busy machine more threads can be far slower
+    (benchmarks/search_speed.py --threads 1 2 on 2 shared cores, 10^6 x 1536, one query: 0.56 s on one
+    thread and 2.6 s on two at load average 5; 0.37 s and 0.27 s at load average 3).
     """
     num_gallery = len(gallery)
     if num_gallery == 0:

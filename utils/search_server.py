@@ -106,18 +106,14 @@ class SearchHandler(BaseHTTPRequestHandler):
             self._send_html(HTTPStatus.NOT_FOUND, render_page(self.server.about, message="No such image in this index.",
                                                               error=True))
             return
-        body = path.read_bytes()
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", mimetypes.guess_type(path.name)[0] or "application/octet-stream")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.end_headers()
-        self.wfile.write(body)
+        self._send(HTTPStatus.OK, mimetypes.guess_type(path.name)[0] or "application/octet-stream", path.read_bytes())
 
     def _send_html(self, status: HTTPStatus, page: str) -> None:
-        body = page.encode("utf-8")
+        self._send(status, "text/html; charset=utf-8", page.encode("utf-8"))
+
+    def _send(self, status: HTTPStatus, content_type: str, body: bytes) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Content-Type-Options", "nosniff")
         self.end_headers()

@@ -31,8 +31,8 @@ class Hit:
 class TextSearch:
     """A loaded index and the model that built it; `search` ranks every indexed image for each sentence."""
 
-    def __init__(self, index: SearchIndex, model: CFine, device: torch.device):
-        self.index, self.model, self.device = index, model, device
+    def __init__(self, index: SearchIndex, model: CFine, device: torch.device, cpu_threads: int | None = 1):
+        self.index, self.model, self.device, self.cpu_threads = index, model, device, cpu_threads
         # On a GPU the fp16 gallery is copied once (2 bytes per value); on the CPU it stays memory-mapped.
         self.gallery = torch.from_numpy(index.features).to(device) if device.type != "cpu" else index.features
 
@@ -46,14 +46,14 @@ class TextSearch:
         for start in range(0, len(captions), batch_size):
             tokens = self.model.tokenize(list(captions[start:start + batch_size]), warn_truncated=True)
             queries = retrieval_features(self.model.encode_texts(tokens.to(self.device)).float(), FEATURE)
-            best = top_k(queries, self.gallery, k)
+            best = top_k(queries, self.gallery, k, cpu_threads=self.cpu_threads)
             results += [[Hit(rank + 1, score, self.index.images[i].path) for rank, (score, i) in enumerate(zip(s, rows))]
                         for s, rows in zip(best.scores.tolist(), best.indices.tolist())]
         return results
 
 
 def load_text_search(location: str | os.PathLike, device: torch.device,
-                     checkpoint: str | os.PathLike | None = None) -> TextSearch:
+                     checkpoint: str | os.PathLike | None = None, cpu_threads: int | None = 1) -> TextSearch:
     """Read an index and load the checkpoint it records (or `checkpoint`, which must be the same file's bytes)."""
     index = read_index(location)
     path = Path(checkpoint or index.checkpoint["path"])
@@ -66,4 +66,4 @@ def load_text_search(location: str | os.PathLike, device: torch.device,
                                f"recorded {recorded[:12]}...): its text features would not match the stored image "
                                "features. Pass the original file with --checkpoint, or rebuild the index")
     model, _ = load_model(path, device)
-    return TextSearch(index, model, device)
+    return TextSearch(index, model, device, cpu_threads)
