@@ -38,7 +38,7 @@ def parse_search(query_string: str) -> tuple[str | None, int]:
         raise BadRequest("The query is empty: type a description of the person to look for.")
     if len(query) > MAX_QUERY_CHARS:
         raise BadRequest(f"The query is {len(query)} characters long; the limit is {MAX_QUERY_CHARS}. "
-                         "Shorten it (the text encoder reads only the first 77 tokens anyway).")
+                         "Shorten it (the text encoder reads only its first 77 CLIP or 100 BERT tokens anyway).")
     return query, int(raw_k)
 
 
