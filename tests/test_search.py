@@ -244,3 +244,23 @@ def test_search_ranks_a_split_like_test_py(processed_root, tiny_checkpoint, test
                 assert abs(scores[q, names.index(x)] - scores[q, names.index(y)]) < 1e-3
     distinct = torch.sort(scores, dim=1, descending=True).values[:, :10]
     assert (distinct[:, :-1] - distinct[:, 1:]).gt(0).float().mean() > 0.9  # the rankings are not all ties
+
+
+def test_bert_mode_checkpoint_indexes_and_answers(processed_root, test_split_photos, tmp_path, capsys):
+    """A bert-mode checkpoint (768-d in the real model; the tiny BERT here pairs with the 64-wide image tower)."""
+    import train
+    from tests.bert_fixtures import write_bert_folder
+    from tests.conftest import TINY_TRAIN_FLAGS
+
+    bert = write_bert_folder(tmp_path / "bert-tiny")
+    run = tmp_path / "bert_run"
+    assert train.main(train.parse_args(["--data_root", str(processed_root), "--output_dir", str(run), *TINY_TRAIN_FLAGS,
+                                        "--epochs", "1", "--text_encoder", "bert", "--bert", str(bert)])) == 0
+    assert build(run / "best.pt", test_split_photos, tmp_path / "index") == 0
+    index = read_index(tmp_path / "index")
+    assert index.features.shape[1] == 3 * 64
+    capsys.readouterr()
+    assert run_search("query", "--index", tmp_path / "index", "a man in a red coat", "--top_k", "3", "--json",
+                      "--device", "cpu") == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(lines) == 1 and len(lines[0]["results"]) == 3
