@@ -68,6 +68,13 @@ def train_step(model, optimizer, images, tokens, pids, amp: str):
     return out
 
 
+def training_setup(args):
+    """(device, model in training mode, its optimiser: fused Adam on CUDA)."""
+    device = torch.device(args.device)
+    model = build(args.arch, device).train()
+    return device, model, build_optimizer(model)[0]
+
+
 def cmd_env(args) -> dict:
     cuda = torch.cuda.is_available()
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -162,11 +169,9 @@ def cmd_precision(args) -> dict:
 
 def cmd_sync(args) -> dict:
     """Two warm training steps (bf16, fused Adam) under set_sync_debug_mode('warn'): the warnings counted."""
-    device = torch.device(args.device)
-    if device.type != "cuda":
+    if args.device == "cpu":
         return {"skipped": "CUDA only (tests/test_sync_free.py counts host reads on CPU)"}
-    model = build(args.arch, device).train()
-    optimizer, _ = build_optimizer(model)
+    device, model, optimizer = training_setup(args)
     batch = batch_of(model, args.batch, device)
     train_step(model, optimizer, *batch, "bf16")  # creates the optimiser state (not counted)
     synchronize(device)
@@ -185,11 +190,9 @@ def cmd_sync(args) -> dict:
 
 def cmd_memory(args) -> dict:
     """Peak allocated memory (GiB) of one bf16 training step at each batch size; 'oom' where it does not fit."""
-    device = torch.device(args.device)
-    if device.type != "cuda":
+    if args.device == "cpu":
         return {"skipped": "CUDA only"}
-    model = build(args.arch, device).train()
-    optimizer, _ = build_optimizer(model)
+    device, model, optimizer = training_setup(args)
     peaks = {}
     for size in args.batches:
         batch = batch_of(model, size, device)
