@@ -37,6 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=flag_type(TABLE["device"]),
                         help="cpu, cuda or cuda:N")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    parser.add_argument("--compile", default="off", type=flag_type(TABLE["compile"]), metavar="BACKEND",
+                        help="torch.compile the encoders: off, inductor or aot_eager")
     parser.add_argument("--batch_size", type=flag_type(Setting("batch_size", 128, int, minimum=1)), default=128)
     parser.add_argument("--workers", type=flag_type(TABLE["workers"]), default=None,
                         help="data loader processes per process")
@@ -94,7 +96,8 @@ def main(args: argparse.Namespace) -> int:
                                tokenizer=model.tokenize)
     except DataError as error:
         raise SystemExit(f"--data_root/--dataset: {error}") from None
-    encoded = encode_split(model, data, device, amp, args.batch_size, progress=info.is_main and not args.no_progress)
+    encoded = encode_split(model, data, device, amp, args.batch_size, progress=info.is_main and not args.no_progress,
+                           compile=args.compile)
     results = score_split(encoded)
     if info.is_main:
         print(f"{args.checkpoint} on {dataset} {args.split}: {len(data.gallery_pids)} images, "

@@ -98,7 +98,7 @@ class EvalData:
 
 
 def _loader_kwargs(workers: int | None, pin_memory: bool | None, persistent: bool) -> dict:
-    """Worker count and pinning defaults; training keeps its workers alive between epochs."""
+    """Worker count and pinning defaults; workers stay alive between epochs (training) and evaluations."""
     workers = default_workers() if workers is None else workers
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
     return {"num_workers": workers, "pin_memory": pin, "persistent_workers": persistent and workers > 0}
@@ -144,5 +144,5 @@ def build_eval_data(processed_dir: Path, split: str, *, image_size: tuple[int, i
     query_pids = torch.tensor([r["pid"] for r in records for _ in r["captions"]], dtype=torch.long)
     gallery = GalleryImages(paths, gallery_pids, ResizeToUint8(image_size))
     loader = DataLoader(gallery, batch_size=batch_size, shuffle=False, drop_last=False,
-                        **_loader_kwargs(workers, pin_memory, persistent=False))
+                        **_loader_kwargs(workers, pin_memory, persistent=True))
     return EvalData(split, check_mean_std(mean_std), loader, gallery_pids, paths, tokenizer(captions), query_pids, captions)

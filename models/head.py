@@ -115,7 +115,8 @@ class CFineHead(nn.Module):
         cmpm_weights, margin = enumerate(config.cmpm_weights), config.margin
         return {
             "cmpm": sum(w * cmpm_loss(all_img[:, n], all_txt[:, n], all_pids) for n, w in cmpm_weights),
-            "cmpc": (torch.tensor(config.cmpc_weights, device=img.device) * cmpc_loss(img, txt, pids, weight)).sum(),
+            # Python-float weights: a weight tensor built per step would be a host-to-device copy every step.
+            "cmpc": sum(w * part for w, part in zip(config.cmpc_weights, cmpc_loss(img, txt, pids, weight).unbind())),
             "diversity": config.diversity_weight * (diversity_loss(img[:, 1:]) + diversity_loss(txt[:, 1:])),
             "ranking": config.ranking_weight * ranking_loss(self.similarity(all_image, all_text), all_pids, margin),
         }

@@ -70,8 +70,8 @@ def _ranking_one_way(similarity: torch.Tensor, pids: torch.Tensor, margin: float
     loss = torch.where(counts, F.relu(margin - positive + negative), 0.0).sum()
     # Authors' fallback: with no counting anchor, one triplet of the last anchor and its first negative index.
     last = similarity.shape[0] - 1
-    first_negative = negatives[last].int().argmax()
-    fallback = F.relu(margin - positive[last] + similarity[last, first_negative])
+    first_negative = negatives[last].int().argmax(dim=0, keepdim=True)  # (1,): a gather, not a host-read index
+    fallback = F.relu(margin - positive[last] + similarity[last].gather(0, first_negative).squeeze(0))
     use_fallback = ~counts.any() & negatives[last].any()
     return loss + torch.where(use_fallback, fallback, 0.0)
 

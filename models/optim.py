@@ -55,10 +55,18 @@ def build_optimizer(
     warmup_start: float = 0.01,
     milestones: tuple[int, ...] = (20, 25, 35),
     gamma: float = 0.1,
+    fused: bool | None = None,
 ) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
-    """Spec §6 Adam (0.9, 0.999, eps 1e-8) and a LambdaLR to be stepped once per epoch."""
+    """Spec §6 Adam (0.9, 0.999, eps 1e-8) and a LambdaLR to be stepped once per epoch.
+
+    fused=None picks the fused implementation when every parameter is a CUDA floating tensor (one kernel per
+    step, its step counters on the device: no host read of them), torch's default otherwise (foreach on CUDA,
+    the per-tensor loop on CPU).
+    """
     groups = parameter_groups(model, lr_head=lr_head, lr_image=lr_image, lr_text=lr_text, wd_image=wd_image)
-    optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8)
+    if fused is None:
+        fused = all(p.is_cuda and p.is_floating_point() for group in groups for p in group["params"])
+    optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
     factor = functools.partial(
         epoch_lr_factor,
         warmup_epochs=warmup_epochs,

@@ -16,9 +16,7 @@ class Selection(NamedTuple):
 
 def image_candidates(batch: int, num_tokens: int, device=None) -> torch.Tensor:
     """Spec §2 image candidates: every token but the class token at index 0, (B, N) bool."""
-    mask = torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
-    mask[:, 0] = False
-    return mask
+    return (torch.arange(num_tokens, device=device) != 0).expand(batch, num_tokens)
 
 
 def text_candidates(global_index: torch.Tensor, length: int) -> torch.Tensor:

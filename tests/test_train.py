@@ -20,7 +20,7 @@ from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.training import StopRequest
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-TIMING_KEYS = ("seconds", "pairs_per_s")
+TIMING_KEYS = ("seconds", "pairs_per_s", "checkpoint_s", "checkpoint_mib")
 # The run every resume below must reproduce: its length, evaluation cadence and limits are not the defaults.
 RUN_FLAGS = [*TINY_TRAIN_FLAGS, "--epochs", "3", "--eval_every", "2", "--max_nonfinite", "7"]
 ONE_PROCESS = distributed.DistInfo()

@@ -12,7 +12,7 @@ from models.cfine import retrieval_features
 
 from . import distributed
 from .metrics import evaluate_retrieval
-from .training import autocast
+from .training import autocast, compiled
 
 
 @dataclass
@@ -27,35 +27,53 @@ class EncodedSplit:
 
 @torch.no_grad()
 def encode_split(model, data, device: torch.device, amp: str = "off", batch_size: int = 256,
-                 progress: bool = True) -> EncodedSplit:
+                 progress: bool = True, compile: str = "off") -> EncodedSplit:
     """Gallery images in the loader's batches, query captions in batches of batch_size; model in eval mode.
 
     Under torchrun each rank encodes a contiguous run of those same batches (no padded sampler), and the
     features are gathered in dataset order on every rank: the one-process result, bit for bit.
+    compile: torch.compile backend of the two encoders ('off': eager); compiled code is cached between calls.
     """
     was_training = model.training
     model.eval()
-    loader = data.gallery_loader
-    images = distributed.shard_range(len(loader.dataset), loader.batch_size)
-    if len(images) < len(loader.dataset):
-        loader = DataLoader(Subset(loader.dataset, images), batch_size=loader.batch_size, collate_fn=loader.collate_fn,
-                            num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+    encode_images, encode_texts = compiled(model.encode_images, compile), compiled(model.encode_texts, compile)
+    loader = _gallery_shard(data.gallery_loader)
     empty = torch.zeros(0, 3, model.config.width, device=device)  # for a rank left without a batch
     gallery = [empty]
     for batch in tqdm(loader, desc=f"encode {data.split} gallery", disable=not progress, leave=False):
         with autocast(device, amp):
             images = to_model_input(batch["images"].to(device, non_blocking=True), data.mean_std)
-            gallery.append(model.encode_images(images).float())
+            gallery.append(encode_images(images).float())
     queries = [empty]
     captions = distributed.shard_range(len(data.query_tokens), batch_size)
     tokens = data.query_tokens[captions.start:captions.stop]
     for start in tqdm(range(0, len(tokens), batch_size), desc=f"encode {data.split} queries",
                       disable=not progress, leave=False):
         with autocast(device, amp):
-            queries.append(model.encode_texts(tokens[start:start + batch_size].to(device, non_blocking=True)).float())
+            queries.append(encode_texts(tokens[start:start + batch_size].to(device, non_blocking=True)).float())
     model.train(was_training)
     return EncodedSplit(distributed.gather_rows(torch.cat(gallery)), distributed.gather_rows(torch.cat(queries)),
                         data.gallery_pids.to(device), data.query_pids.to(device))
+
+
+_SHARDS: dict[int, tuple[DataLoader, DataLoader]] = {}  # id(gallery loader) -> (it, this rank's loader)
+
+
+def _gallery_shard(loader: DataLoader) -> DataLoader:
+    """This rank's contiguous share of the gallery loader: the loader itself in one process.
+
+    Built once per gallery loader and kept, so that its persistent workers serve every evaluation of a run.
+    """
+    images = distributed.shard_range(len(loader.dataset), loader.batch_size)
+    if len(images) == len(loader.dataset):
+        return loader
+    known = _SHARDS.get(id(loader))
+    if known is None or known[0] is not loader:
+        known = loader, DataLoader(Subset(loader.dataset, images), batch_size=loader.batch_size,
+                                   collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+                                   pin_memory=loader.pin_memory, persistent_workers=loader.persistent_workers)
+        _SHARDS[id(loader)] = known
+    return known[1]
 
 
 def score_split(encoded: EncodedSplit) -> dict[str, dict[str, float]]:

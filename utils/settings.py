@@ -28,6 +28,7 @@ from datasets import BENCHMARKS
 
 RUN, KEPT, COMMAND = "run", "kept", "command"
 COMMAND_LINE_ONLY = ("config", "resume", "overwrite")  # meaningless inside a config file
+COMPILE_BACKENDS = ("off", "inductor", "aot_eager")
 ARCH_PATCH = {"vit_b16": CLIPConfig.vit_b16().vision.patch_size, "tiny": CLIPConfig.tiny().vision.patch_size}
 
 
@@ -153,6 +154,9 @@ TRAIN_SETTINGS = (
                  "same loss and update as one process on the whole global batch)"),
     Setting("amp", "auto", choices=("auto", "bf16", "fp16", "off"),
             help="auto: bf16 on GPUs that support it, fp16 (with a GradScaler) on older GPUs, off on CPU"),
+    Setting("compile", "off", choices=COMPILE_BACKENDS, role=KEPT,
+            help="torch.compile the training step's model and the evaluation encoders with this backend "
+                 "(inductor: the fast one; aot_eager: traces the same graphs without code generation, for checks)"),
     Setting("device", _DEVICE, role=KEPT, rule=_device_problem, help="cpu, cuda or cuda:N"),
     Setting("workers", None, int, minimum=0, role=KEPT,
             help="data loader processes per training process (default: the node's cores shared among its training "

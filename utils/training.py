@@ -27,6 +27,11 @@ def autocast(device: torch.device, mode: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
 
 
+def compiled(fn, backend: str = "off"):
+    """torch.compile(fn) with that backend ('inductor', 'aot_eager'); fn itself for 'off'."""
+    return fn if backend == "off" else torch.compile(fn, backend=backend)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
