@@ -97,3 +97,14 @@ def test_bert_mode_reads_on_the_host_only_inside_transformers():
     tokens = model.tokenize(["a man in a red coat", "a woman with a bag and long dark hair"] * 4)
     reads = one_step_reads(model, tokens, "off")
     assert [call for call in reads if "/transformers/" not in call] == []
+
+
+def test_the_device_side_input_transform_reads_nothing_on_the_host():
+    from datasets.transforms import to_model_input
+
+    images = torch.randint(0, 256, (8, 3, 16, 8), dtype=torch.uint8)
+    flips = torch.arange(8) % 2 == 0
+    to_model_input(images, "clip", flips)  # the first call makes the cached mean/std tensors
+    with HostReads() as reads:
+        to_model_input(images, "clip", flips)
+    assert reads.calls == []
