@@ -64,6 +64,14 @@ def visualize(encoded, data, out_dir: Path, count: int, top: int = 10) -> list[P
     return pages
 
 
+def carved_ids(state: dict, split: str, dataset: str) -> list[int]:
+    """The training ids the run held out as its val split (datasets/holdout.py), for --split val on a dataset
+    without one; [] otherwise."""
+    if split != "val" or dataset != state.get("args", {}).get("dataset"):
+        return []
+    return list((state.get("data") or {}).get("held_out_ids") or [])
+
+
 def main(args: argparse.Namespace) -> int:
     info, device = distributed.init_distributed(args.device)
     try:
@@ -87,21 +95,25 @@ def main(args: argparse.Namespace) -> int:
         if dataset == train_args.get("dataset"):  # the run's own benchmark: it must be the run's data
             check_same_data(state.get("data"), processed, args.checkpoint)
         splits = available_splits(processed)
-        if args.split not in splits:
+        held_out = carved_ids(state, args.split, dataset) if args.split not in splits else []
+        if args.split not in splits and not held_out:
             raise SystemExit(f"{processed} has no {args.split} split (it has: {', '.join(splits)})")
         data = build_eval_data(processed, args.split, image_size=image_size, batch_size=args.batch_size,
                                workers=workers, mean_std=train_args.get("mean_std", "clip"),
-                               tokenizer=model.tokenize)
+                               tokenizer=model.tokenize, held_out_ids=held_out)
     except DataError as error:
         raise SystemExit(f"--data_root/--dataset: {error}") from None
     encoded = encode_split(model, data, device, amp, args.batch_size, progress=info.is_main and not args.no_progress)
     results = score_split(encoded)
     if info.is_main:
-        print(f"{args.checkpoint} on {dataset} {args.split}: {len(data.gallery_pids)} images, "
+        carved = f" (carved from train: {len(held_out)} held-out ids)" if held_out else ""
+        print(f"{args.checkpoint} on {dataset} {args.split}{carved}: {len(data.gallery_pids)} images, "
               f"{len(data.query_pids)} captions")
         print(format_table(results))
         write_json(out_dir / "metrics.json", {"checkpoint": str(args.checkpoint), "dataset": dataset,
-                                              "split": args.split, "epoch": state.get("epoch"), **results})
+                                              "split": "val_carved" if held_out else args.split,
+                                              "selected_on": state.get("eval_split"), "epoch": state.get("epoch"),
+                                              **results})
         print(f"wrote {out_dir / 'metrics.json'}")
         if args.visualize > 0:
             pages = visualize(encoded, data, out_dir / "visualize", args.visualize)

@@ -13,7 +13,7 @@ NAMES = {"config", "dataset", "data_root", "clip", "clip_arch", "output_dir", "i
          "epochs", "lr_head", "lr_image", "lr_text", "wd_image", "warmup_epochs", "warmup_start", "milestones", "gamma",
          "cmpm_weights", "cmpc_weights", "diversity_weight", "ranking_weight", "margin", "gather_features", "sync_bn",
          "amp", "device", "workers", "seed", "eval_every", "eval_batch_size", "eval_at_start", "resume",
-         "max_nonfinite", "no_progress", "overwrite", "text_encoder", "bert"}
+         "max_nonfinite", "no_progress", "overwrite", "text_encoder", "bert", "select_on", "tensorboard", "log_every"}
 
 
 def parse_error(argv, capsys):

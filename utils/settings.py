@@ -159,6 +159,10 @@ TRAIN_SETTINGS = (
                  "processes, minus one for each)"),
     Setting("seed", 42, int, minimum=0),
     Setting("eval_every", 1, int, minimum=1, help="evaluate every N epochs (and after the last)"),
+    Setting("select_on", "val", choices=("val", "test"),
+            help="the split that evaluates during training and selects best.pt: val (a dataset without one, "
+                 "ICFG-PEDES, holds out about 5 percent of its training ids as val, from --seed); test only on request "
+                 "(the numbers are then not honest test results)"),
     Setting("eval_batch_size", 128, int, minimum=1, role=KEPT),
     Setting("eval_at_start", False, bool,
             help="also evaluate the model before training (recorded as epoch 0: the untrained baseline)"),
@@ -167,6 +171,10 @@ TRAIN_SETTINGS = (
     Setting("max_nonfinite", 50, int, minimum=1, role=KEPT,
             help="abort after this many steps in a row undone for a non-finite loss or non-finite weights"),
     Setting("no_progress", False, bool, role=COMMAND, help="no progress bars (logs only)"),
+    Setting("tensorboard", False, bool, role=KEPT,
+            help="also write TensorBoard logs to <output_dir>/tb/ (needs: pip install tensorboard)"),
+    Setting("log_every", 50, int, minimum=1, role=KEPT,
+            help="with --tensorboard: the training loss every N steps (read only at those steps)"),
 )
 TABLE = {s.name: s for s in TRAIN_SETTINGS}
 
