@@ -24,7 +24,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 }
 
 step env 60 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())'"
-step data 120 bash -c "$PY -m datasets.synthetic --out $OUT/raw --format CUHK-PEDES --ids 120 --images-per-id 4 --seed 0 --force \
+step data 120 bash -c "$PY -m datasets.synthetic --out $OUT/raw --format CUHK-PEDES --ids 120 --images_per_id 4 --seed 0 --force \
     && bash data.sh $OUT/raw CUHK-PEDES --out $OUT/processed_data"
 for amp in bf16 fp16; do  # a short real training run per AMP mode, then test.py on its checkpoint
     step "train_$amp" 240 $PY train.py --config configs/demo.json --data_root "$OUT/processed_data" \
@@ -32,7 +32,7 @@ for amp in bf16 fp16; do  # a short real training run per AMP mode, then test.py
     step "test_$amp" 120 $PY test.py --checkpoint "$OUT/train_$amp/best.pt" --device cuda --amp "$amp" --no_progress
 done
 step train_throughput 240 $PY benchmarks/train_throughput.py --arch vit_b16 --batch 64 --amp bf16 --device cuda
-step head_speed 300 $PY benchmarks/head_speed.py --device cuda --batch-sizes 32 128 --repeats 5
+step head_speed 300 $PY benchmarks/head_speed.py --device cuda --batch_sizes 32 128 --repeats 5
 step rank_speed 300 $PY -m benchmarks.rank_speed --device cuda --repeats 3
 step encoder_speed 240 $PY benchmarks/encoder_speed.py --device cuda --batch 64 --repeats 10 --amp bf16
 

@@ -51,7 +51,7 @@ def test_the_table_gives_the_defaults_and_the_attribute_names(monkeypatch):
     (["--dataset", "Market"], "dataset takes one of CUHK-PEDES, ICFG-PEDES, RSTPReid"),
     (["--milestones", "25", "20"], "milestones takes strictly increasing epochs"),
     (["--workers", "-1"], "workers takes an integer >= 0 (or null)"),
-    (["--batch_size", "x"], "argument --batch_size: invalid int value: 'x'"),
+    (["--batch_size", "x"], "argument --batch_size/--batch-size: invalid int value: 'x'"),
 ])
 def test_bad_flags_fail_in_one_line_naming_the_setting_and_the_allowed_values(argv, named, capsys):
     line = parse_error(argv, capsys)

@@ -187,18 +187,20 @@ class _OneLineErrors(argparse.ArgumentParser):
 
 
 def get_args_parser(description: str) -> argparse.ArgumentParser:
-    """The flags of TRAIN_SETTINGS; only flags given on the command line appear in the parsed namespace."""
+    """The flags of TRAIN_SETTINGS (--eval_every, with --eval-every as an alias); only flags given on the command
+    line appear in the parsed namespace."""
     parser = _OneLineErrors(prog="train.py", description=description, argument_default=argparse.SUPPRESS)
     groups: dict[str | None, Any] = {None: parser}
     for s in TRAIN_SETTINGS:
         target = groups.setdefault(s.group, s.group and parser.add_argument_group(s.group))
         default = "" if s.default in (None, False) else f" (default: {s.default})"
+        flags = [f"--{s.name}", f"--{s.name.replace('_', '-')}"] if "_" in s.name else [f"--{s.name}"]
         if s.kind is bool:
-            target.add_argument(f"--{s.name}", action="store_true", help=s.help)
+            target.add_argument(*flags, action="store_true", help=s.help)
             continue
         metavar = "{" + ",".join(s.choices) + "}" if s.choices else None
         nargs = s.count if s.count else None
-        target.add_argument(f"--{s.name}", type=s.kind, nargs=nargs, metavar=metavar, help=s.help + default)
+        target.add_argument(*flags, type=s.kind, nargs=nargs, metavar=metavar, help=s.help + default)
     return parser
 
 
