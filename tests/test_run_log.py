@@ -12,12 +12,7 @@ from tests.conftest import TINY_TRAIN_FLAGS
 from utils.run_log import ConsoleCopy, TrainingBoard
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("module_single_thread")  # tiny runs: threads only add overhead
 
 
 def test_console_copy_keeps_printed_lines_and_drops_progress_bars(tmp_path, capsys):

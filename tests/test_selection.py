@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import datasets.build
 import test as evaluate_script
@@ -20,12 +19,7 @@ from utils.checkpoint import load_checkpoint
 FLAGS = [*TINY_TRAIN_FLAGS, "--epochs", "2", "--seed", "3"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("module_single_thread")  # tiny runs: threads only add overhead
 
 
 @pytest.fixture(scope="module")
