@@ -31,13 +31,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Evaluate a CFine checkpoint")
     parser.add_argument("--checkpoint", required=True, help="best.pt or last.pt written by train.py")
     parser.add_argument("--dataset", help="default: the dataset the checkpoint was trained on")
-    parser.add_argument("--data_root", "--data-root", help="folder holding data.sh's <dataset>/ (default: the training run's)")
-    parser.add_argument("--split", default="test", choices=["test", "val"])
+    parser.add_argument("--data_root", "--data-root",
+                        help="folder holding data.sh's <dataset>/ (default: the training run's)")
+    parser.add_argument("--split", default="test", choices=["test", "val"],
+                        help="val: the dataset's val split, or the training ids a run held out as val (ICFG-PEDES)")
     parser.add_argument("--output_dir", "--output-dir", help="default: <checkpoint folder>/eval_<split>")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=flag_type(TABLE["device"]),
                         help="cpu, cuda or cuda:N")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
-    parser.add_argument("--batch_size", "--batch-size", type=flag_type(Setting("batch_size", 128, int, minimum=1)), default=128)
+    parser.add_argument("--batch_size", "--batch-size", type=flag_type(Setting("batch_size", 128, int, minimum=1)),
+                        default=128)
     parser.add_argument("--workers", type=flag_type(TABLE["workers"]), default=None,
                         help="data loader processes per process")
     parser.add_argument("--visualize", type=flag_type(Setting("visualize", 0, int, minimum=0)), default=0, metavar="N",

@@ -136,7 +136,7 @@ class TrainData:
 def selection_split(args: argparse.Namespace, processed: Path, resumed: dict | None) -> tuple[str, list[int]]:
     """(eval_split, held-out training ids): the dataset's val, else ids carved from train (from --seed, or the
     resumed run's own), or test when --select_on test."""
-    if args.select_on == "test":
+    if args.select_on == "test" or (resumed or {}).get("eval_split") == "test":  # runs before --select_on did too
         return "test", []
     if "val" in available_splits(processed):
         return "val", []
@@ -216,8 +216,9 @@ def check_resumed_data(args: argparse.Namespace, state: dict) -> None:
     held_out = len((state.get("data") or {}).get("held_out_ids") or [])  # carved off as val: not classes
     if train_ids is None or train_ids - held_out != classes:
         held = f" ({held_out} of them held out as val)" if held_out else ""
-        raise SystemExit(f"--data_root: {processed} has {train_ids} training identities{held}, but the run in {args.resume} "
-                         f"has a classifier over {classes}: point --data_root at the data that run was trained on")
+        raise SystemExit(f"--data_root: {processed} has {train_ids} training identities{held}, but the run in "
+                         f"{args.resume} has a classifier over {classes}: point --data_root at the data that run was "
+                         "trained on")
 
 
 def claim_output_dir(args: argparse.Namespace, info: distributed.DistInfo) -> Path:
