@@ -14,7 +14,7 @@ export PYTHON=python
 
 echo "== 1/4 synthetic CUHK-PEDES-format data (400 ids x 4 images) -> $DEMO_DIR/raw"
 if [ ! -f "$DEMO_DIR/raw/CUHK-PEDES/reid_raw.json" ]; then
-    python -m datasets.synthetic --out "$DEMO_DIR/raw" --format CUHK-PEDES --ids 400 --images-per-id 4 --seed 0
+    python -m datasets.synthetic --out "$DEMO_DIR/raw" --format CUHK-PEDES --ids 400 --images_per_id 4 --seed 0
 else
     echo "already there"
 fi

@@ -31,21 +31,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Evaluate a CFine checkpoint")
     parser.add_argument("--checkpoint", required=True, help="best.pt or last.pt written by train.py")
     parser.add_argument("--dataset", help="default: the dataset the checkpoint was trained on")
-    parser.add_argument("--data_root", help="folder holding data.sh's <dataset>/ (default: the training run's)")
-    parser.add_argument("--split", default="test", choices=["test", "val"])
-    parser.add_argument("--output_dir", help="default: <checkpoint folder>/eval_<split>")
+    parser.add_argument("--data_root", "--data-root",
+                        help="folder holding data.sh's <dataset>/ (default: the training run's)")
+    parser.add_argument("--split", default="test", choices=["test", "val"],
+                        help="val: the dataset's val split, or the training ids a run held out as val (ICFG-PEDES)")
+    parser.add_argument("--output_dir", "--output-dir", help="default: <checkpoint folder>/eval_<split>")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=flag_type(TABLE["device"]),
                         help="cpu, cuda or cuda:N")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     parser.add_argument("--compile", default="off", type=flag_type(TABLE["compile"]), metavar="BACKEND",
                         help="torch.compile the encoders: off, inductor or aot_eager")
-    parser.add_argument("--batch_size", type=flag_type(Setting("batch_size", 128, int, minimum=1)), default=128)
+    parser.add_argument("--batch_size", "--batch-size", type=flag_type(Setting("batch_size", 128, int, minimum=1)),
+                        default=128)
     parser.add_argument("--workers", type=flag_type(TABLE["workers"]), default=None,
                         help="data loader processes per process")
     parser.add_argument("--visualize", type=flag_type(Setting("visualize", 0, int, minimum=0)), default=0, metavar="N",
                         help="write N PNG pages: a query caption and its top-10 gallery images (green = same id)")
     parser.add_argument("--plot", action="store_true", help="also plot training curves from the run's metrics.jsonl")
-    parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument("--no_progress", "--no-progress", action="store_true")
     return parser
 
 
@@ -64,6 +67,14 @@ def visualize(encoded, data, out_dir: Path, count: int, top: int = 10) -> list[P
                      title=f"query {q} (id {int(encoded.query_pids[q])}): top {top} of {len(gallery)}")
         pages.append(path)
     return pages
+
+
+def carved_ids(state: dict, split: str, dataset: str) -> list[int]:
+    """The training ids the run held out as its val split (datasets/holdout.py), for --split val on a dataset
+    without one; [] otherwise."""
+    if split != "val" or dataset != state.get("args", {}).get("dataset"):
+        return []
+    return list((state.get("data") or {}).get("held_out_ids") or [])
 
 
 def main(args: argparse.Namespace) -> int:
@@ -89,22 +100,26 @@ def main(args: argparse.Namespace) -> int:
         if dataset == train_args.get("dataset"):  # the run's own benchmark: it must be the run's data
             check_same_data(state.get("data"), processed, args.checkpoint)
         splits = available_splits(processed)
-        if args.split not in splits:
+        held_out = carved_ids(state, args.split, dataset) if args.split not in splits else []
+        if args.split not in splits and not held_out:
             raise SystemExit(f"{processed} has no {args.split} split (it has: {', '.join(splits)})")
         data = build_eval_data(processed, args.split, image_size=image_size, batch_size=args.batch_size,
                                workers=workers, mean_std=train_args.get("mean_std", "clip"),
-                               tokenizer=model.tokenize)
+                               tokenizer=model.tokenize, held_out_ids=held_out)
     except DataError as error:
         raise SystemExit(f"--data_root/--dataset: {error}") from None
     encoded = encode_split(model, data, device, amp, args.batch_size, progress=info.is_main and not args.no_progress,
                            compile=args.compile)
     results = score_split(encoded)
     if info.is_main:
-        print(f"{args.checkpoint} on {dataset} {args.split}: {len(data.gallery_pids)} images, "
+        carved = f" (carved from train: {len(held_out)} held-out ids)" if held_out else ""
+        print(f"{args.checkpoint} on {dataset} {args.split}{carved}: {len(data.gallery_pids)} images, "
               f"{len(data.query_pids)} captions")
         print(format_table(results))
         write_json(out_dir / "metrics.json", {"checkpoint": str(args.checkpoint), "dataset": dataset,
-                                              "split": args.split, "epoch": state.get("epoch"), **results})
+                                              "split": "val_carved" if held_out else args.split,
+                                              "selected_on": state.get("eval_split"), "epoch": state.get("epoch"),
+                                              **results})
         print(f"wrote {out_dir / 'metrics.json'}")
         if args.visualize > 0:
             pages = visualize(encoded, data, out_dir / "visualize", args.visualize)

@@ -11,6 +11,7 @@ A new run needs an empty --output_dir (or --overwrite).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -25,22 +26,25 @@ from tqdm import tqdm
 import clip
 from datasets.base import DataError
 from datasets.build import EvalData, available_splits, build_eval_data, build_train_loader
-from datasets.processed import check_same_data, data_identity
+from datasets.holdout import carve_validation_ids
+from datasets.processed import check_same_data, data_identity, load_split
 from datasets.transforms import to_model_input
 from models.cfine import CFine
 from models.config import CFineConfig
 from models.gather import convert_to_global_bn
 from models.optim import build_optimizer
 from models.tokenization import CaptionTokenizer, caption_tokenizer
-from utils import distributed, settings
+from utils import distributed, run_log, settings
 from utils.checkpoint import CheckpointFileError, load_checkpoint, save_checkpoint
 from utils.evaluation import encode_split, format_table, score_split
+from utils.environment import record_environment
 from utils.files import atomic_write, check_writable_folder, folder_contents, remove_stale_temp_files, write_json
 from utils.step_guard import StepGuard, TrainingDiverged
 from utils.training import (StopRequest, TrainingStopped, autocast, compiled, resolve_amp, rng_state, seed_everything,
                             set_rng_state)
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json")  # what --overwrite deletes
+# What --overwrite deletes (and tb/'s event files); train.log is started afresh.
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "environment.json", "held_out_ids.json")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -118,27 +122,53 @@ def run_tokenizer(args: argparse.Namespace, resumed: dict | None) -> CaptionToke
 
 @dataclass
 class TrainData:
-    """The training loader, the split that evaluates (and selects best.pt), and what identifies the data."""
+    """The training loader, the split that evaluates (and selects best.pt), and what identifies the data.
+
+    eval_split: "val" (the dataset's), "val_carved" (training ids held out, `held_out_ids`) or "test" (--select_on
+    test). The held-out ids also sit in `identity` (the checkpoint's "data" record), so --resume and test.py
+    rebuild the same split.
+    """
 
     loader: torch.utils.data.DataLoader
     eval_data: EvalData
     eval_split: str
     identity: dict
+    held_out_ids: list[int] = field(default_factory=list)
 
 
-def build_data(args: argparse.Namespace, info: distributed.DistInfo, tokenizer: CaptionTokenizer) -> TrainData:
-    """Training pairs of --dataset and its evaluation split: val, or test where there is none (ICFG-PEDES)."""
+def selection_split(args: argparse.Namespace, processed: Path, resumed: dict | None) -> tuple[str, list[int]]:
+    """(eval_split, held-out training ids): the dataset's val, else ids carved from train (from --seed, or the
+    resumed run's own), or test when --select_on test."""
+    if args.select_on == "test" or (resumed or {}).get("eval_split") == "test":  # runs before --select_on did too
+        return "test", []
+    if "val" in available_splits(processed):
+        return "val", []
+    if resumed is not None:
+        return "val_carved", list((resumed.get("data") or {}).get("held_out_ids") or [])
+    pids = [r["pid"] for r in load_split(processed, "train").records]
+    return "val_carved", carve_validation_ids(pids, args.seed)
+
+
+def build_data(args: argparse.Namespace, info: distributed.DistInfo, tokenizer: CaptionTokenizer,
+               resumed: dict | None = None) -> TrainData:
+    """Training pairs of --dataset (held-out ids left out) and the split that selects best.pt (selection_split)."""
     processed = Path(args.data_root) / args.dataset
     workers = distributed.loader_workers(args.workers, info)
     try:
-        eval_split = "val" if "val" in available_splits(processed) else "test"
+        eval_split, held_out = selection_split(args, processed, resumed)
+        if eval_split == "val_carved" and not held_out:
+            raise SystemExit(f"--resume {args.resume}: the run selects on a validation split carved from the "
+                             "training ids, but the checkpoint does not record them (data.held_out_ids)")
         loader = build_train_loader(processed, image_size=tuple(args.image_size), batch_size=args.batch_size,
                                     workers=workers, mean_std=args.mean_std, seed=args.seed,
-                                    num_replicas=info.world_size, rank=info.rank, tokenizer=tokenizer)
-        eval_data = build_eval_data(processed, eval_split, image_size=tuple(args.image_size),
-                                    batch_size=args.eval_batch_size, workers=workers, mean_std=args.mean_std,
-                                    tokenizer=tokenizer)
-        return TrainData(loader, eval_data, eval_split, data_identity(processed))
+                                    num_replicas=info.world_size, rank=info.rank, tokenizer=tokenizer,
+                                    held_out_ids=held_out)
+        eval_data = build_eval_data(processed, "test" if eval_split == "test" else "val",
+                                    image_size=tuple(args.image_size), batch_size=args.eval_batch_size,
+                                    workers=workers, mean_std=args.mean_std, tokenizer=tokenizer,
+                                    held_out_ids=held_out)
+        identity = data_identity(processed) | ({"held_out_ids": held_out} if held_out else {})
+        return TrainData(loader, eval_data, eval_split, identity, held_out)
     except (DataError, ValueError) as error:  # processed data missing or damaged, batch larger than the data
         raise SystemExit(f"--data_root/--dataset: {error}") from None
 
@@ -186,9 +216,12 @@ def check_resumed_data(args: argparse.Namespace, state: dict) -> None:
     except DataError as error:
         raise SystemExit(f"--data_root: {error}") from None
     classes = state["config"]["num_classes"]
-    if train_ids != classes:
-        raise SystemExit(f"--data_root: {processed} has {train_ids} training identities, but the run in {args.resume} "
-                         f"has a classifier over {classes}: point --data_root at the data that run was trained on")
+    held_out = len((state.get("data") or {}).get("held_out_ids") or [])  # carved off as val: not classes
+    if train_ids is None or train_ids - held_out != classes:
+        held = f" ({held_out} of them held out as val)" if held_out else ""
+        raise SystemExit(f"--data_root: {processed} has {train_ids} training identities{held}, but the run in "
+                         f"{args.resume} has a classifier over {classes}: point --data_root at the data that run was "
+                         "trained on")
 
 
 def claim_output_dir(args: argparse.Namespace, info: distributed.DistInfo) -> Path:
@@ -280,18 +313,30 @@ def link_file(source: Path, target: Path) -> None:
     os.replace(temporary, target)
 
 
-def start_output(output_dir: Path, args, model: CFine, data: TrainData, info, device, amp: str) -> None:
-    """Rank 0: delete an overwritten run's files, write config.json, say what will run."""
+def start_output(output_dir: Path, args, model: CFine, data: TrainData, info, device, amp: str, epoch: int) -> None:
+    """Rank 0: delete an overwritten run's files, write config.json, environment.json (and the held-out ids), say
+    what will run and which split selects best.pt."""
     if args.overwrite:
         for name in RUN_FILES:
             (output_dir / name).unlink(missing_ok=True)
+        for events in (output_dir / "tb").glob("events.out.tfevents.*"):
+            events.unlink()
     write_json(output_dir / "config.json", {"args": settings.as_dict(args), "model": model.config.to_dict()})
+    record_environment(output_dir / "environment.json", start_epoch=epoch, resumed_from=args.resume)
+    if data.held_out_ids:
+        write_json(output_dir / "held_out_ids.json", {"dataset": args.dataset, "seed": args.seed,
+                                                       "held_out_ids": data.held_out_ids})
     print(f"{args.dataset}: {len(data.loader.dataset)} training pairs, {data.loader.dataset.num_classes} ids, "
           f"{data.loader.sampler.batches_per_epoch} steps/epoch, global batch {args.batch_size * info.world_size} "
           f"({args.batch_size} per process x {info.world_size} process(es)); device {device}, amp {amp}; "
           f"evaluating on {data.eval_split}; writing to {output_dir}")
+    if data.eval_split == "val_carved":
+        print(f"{args.dataset} has no val split: {len(data.held_out_ids)} training ids held out as val (from seed "
+              f"{args.seed}, listed in {output_dir / 'held_out_ids.json'}); best.pt is selected on them and the "
+              "test split is not looked at during training")
     if data.eval_split == "test":
-        print(f"{args.dataset} has no val split: evaluating and selecting best.pt on the TEST split")
+        print(f"WARNING: --select_on test: evaluating and selecting best.pt on the TEST split of {args.dataset}; "
+              "its test numbers are not held-out results (recorded as eval_split 'test')", file=sys.stderr)
     if info.enabled:
         print(f"DDP over {info.world_size} processes ({'NCCL' if device.type == 'cuda' else 'Gloo'}): losses on "
               f"{'the global batch (--gather_features)' if args.gather_features else 'each process batch'}, "
@@ -370,6 +415,12 @@ def metrics_row(results: dict, split: str) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Train; rank 0's console is copied to <output_dir>/train.log, and --tensorboard writes <output_dir>/tb/."""
+    with contextlib.ExitStack() as closing:
+        return train_run(args, closing)
+
+
+def train_run(args: argparse.Namespace, closing: contextlib.ExitStack) -> int:
     resumed = read_resume(args) if args.resume else None  # from here on args hold the run's settings
     if resumed is not None and resumed["epoch"] >= args.epochs:
         print(f"{args.resume}: the run finished all {args.epochs} epochs; pass --epochs N (> {args.epochs}) to extend it")
@@ -379,10 +430,13 @@ def main(args: argparse.Namespace) -> int:
     if resumed is not None:
         check_resumed_data(args, resumed)
     output_dir = claim_output_dir(args, info)
+    if info.is_main:
+        closing.enter_context(run_log.ConsoleCopy()).start(output_dir / "train.log", append=bool(args.resume)
+                                                           and not args.overwrite)
     amp = resolve_amp(args.amp, device)
     seed_everything(args.seed)
     progress = info.is_main and not args.no_progress
-    data = build_data(args, info, run_tokenizer(args, resumed))
+    data = build_data(args, info, run_tokenizer(args, resumed), resumed)
 
     model = (CFine(CFineConfig.from_dict(resumed["config"]), text_vocab=resumed.get("text_vocab")) if resumed
              else build_model(args, data.loader.dataset.num_classes))
@@ -400,12 +454,18 @@ def main(args: argparse.Namespace) -> int:
     # The step runs the DDP wrapper, compiled as a whole (DDP's graph splitting at bucket boundaries keeps the
     # gradient all-reduce overlapped with backward); checkpoints and evaluation use the plain module.
     step_model = compiled(distributed.wrap_ddp(model, device), args.compile)
+    board = None
     if info.is_main:
-        start_output(output_dir, args, model, data, info, device, amp)
+        start_output(output_dir, args, model, data, info, device, amp, run.epoch)
+        if args.tensorboard:
+            steps_done = run.epoch * data.loader.sampler.batches_per_epoch + run.step_in_epoch
+            board = closing.enter_context(run_log.TrainingBoard(output_dir / "tb", model, args.log_every, steps_done))
 
     if args.eval_at_start and run.epoch == 0 and run.step_in_epoch == 0 and not run.history:
         results = evaluate(model, data, args, device, amp, progress)
         run.history.append({"epoch": 0, **metrics_row(results, data.eval_split)})
+        if board:
+            board.log_epoch(run.history[-1])
         if info.is_main:
             print(f"before training, on {data.eval_split}:\n{format_table(results)}")
 
@@ -425,6 +485,8 @@ def main(args: argparse.Namespace) -> int:
                     if info.is_main:
                         print(f"epoch {epoch + 1} on {data.eval_split}:\n{format_table(results)}")
                 improved = run.finish_epoch(row)
+                if board:
+                    board.log_epoch(row)
                 if info.is_main:
                     save_files(output_dir, make_checkpoint(model, optimizer, scheduler, scaler, guard, run, args, data),
                                best=improved, history=run.history)

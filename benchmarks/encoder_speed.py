@@ -6,7 +6,6 @@ open_clip's ViT-B-16-quickgelu `encode_image` (pooled feature only), same weight
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -47,7 +46,7 @@ def main(args: argparse.Namespace) -> None:
     ours = CLIP(CLIPConfig.vit_b16()).eval().to(device)
     ours.load_state_dict(reference.state_dict(), strict=True)
     images = torch.randn(args.batch, 3, 224, 224, device=device)
-    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if args.amp == "bf16" else contextlib.nullcontext())
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
 
     def run_ours():
         out = ours.encode_image_tokens(images)

@@ -42,7 +42,7 @@ TRAIN=("$PY" train.py --data_root "$OUT/processed_data" --dataset CUHK-PEDES --o
        --eval_every "$EPOCHS" --warmup_epochs 1 --no_progress)  # epoch 1 warms up; later epochs are warm
 
 step env 15 "${PROBE[@]}" env
-step data 45 bash -c "$PY -m datasets.synthetic --out '$OUT/raw' --format CUHK-PEDES --ids $IDS --images-per-id 4 \
+step data 45 bash -c "$PY -m datasets.synthetic --out '$OUT/raw' --format CUHK-PEDES --ids $IDS --images_per_id 4 \
     --size $IMG --seed 0 --force && bash data.sh '$OUT/raw' CUHK-PEDES --out '$OUT/processed_data' --force"
 step train_eager 90 "${TRAIN[@]}" --output_dir "$OUT/train_eager" --compile off
 if [ "$COMPILE" != off ]; then

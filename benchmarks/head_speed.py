@@ -7,7 +7,7 @@ baseline taken after a batch-4 step (which loads the math libraries). On a share
 avoids OpenMP oversubscription, which otherwise makes timings swing by 10x.
 Run from the repository root:
 
-    python benchmarks/head_speed.py --device cpu --batch-sizes 32 128 --repeats 3
+    python benchmarks/head_speed.py --device cpu --batch_sizes 32 128 --repeats 3
 """
 from __future__ import annotations
 
@@ -29,13 +29,13 @@ PATHS = ("vectorised", "reference")
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--batch_sizes", "--batch-sizes", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--repeats", type=int, default=3, help="timed forward+backward steps per path (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
     parser.add_argument("--width", type=int, default=512, help="D")
-    parser.add_argument("--image-tokens", type=int, default=197, help="class token + patches")
-    parser.add_argument("--text-length", type=int, default=77)
-    parser.add_argument("--num-classes", type=int, default=11003, help="CMPC classifier width (CUHK-PEDES ids)")
+    parser.add_argument("--image_tokens", "--image-tokens", type=int, default=197, help="class token + patches")
+    parser.add_argument("--text_length", "--text-length", type=int, default=77)
+    parser.add_argument("--num_classes", "--num-classes", type=int, default=11003, help="CMPC classifier width (CUHK-PEDES ids)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--parity", action="store_true", help="print value/gradient differences of the two paths")

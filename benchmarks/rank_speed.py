@@ -30,7 +30,7 @@ def get_args_parser():
     parser.add_argument("--noise", type=float, default=1.45,
                         help="feature noise; 1.45 gives R@1 near 60%% at full size")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each method")
-    parser.add_argument("--chunk-size", type=int, default=None, help="evaluate_ranking chunk (default: auto)")
+    parser.add_argument("--chunk_size", "--chunk-size", type=int, default=None, help="evaluate_ranking chunk (default: auto)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)

@@ -34,17 +34,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
     parser.add_argument("--arch", choices=["vit_b16", "tiny"], default="vit_b16" if cuda else "tiny")
-    parser.add_argument("--image_size", type=int, nargs=2, default=None, metavar=("H", "W"),
+    parser.add_argument("--image_size", "--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
                         help="default 224 224 for vit_b16, 64 32 for tiny")
     parser.add_argument("--batch", type=int, default=64 if cuda else 32)
     parser.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup steps)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--num_classes", type=int, default=11003)
+    parser.add_argument("--num_classes", "--num-classes", type=int, default=11003)
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--text_encoder", nargs="+", choices=["clip", "bert"], default=["clip"],
+    parser.add_argument("--text_encoder", "--text-encoder", nargs="+", choices=["clip", "bert"], default=["clip"],
                         help="one or more; bert needs `transformers` (requirements-bert.txt)")
-    parser.add_argument("--no_guard", action="store_true",
+    parser.add_argument("--no_guard", "--no-guard", action="store_true",
                         help="time the bare step, without train.py's StepGuard (its copy of the state and its one sync)")
     return parser
 

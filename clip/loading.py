@@ -6,9 +6,7 @@ import json
 import math
 import os
 import re
-import tempfile
 import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -226,27 +224,17 @@ def download(name: str, root: str | os.PathLike | None = None) -> Path:
         problem = f"{target} does not exist"
     url = _URL.format(sha=sha, file=file)
     root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{file}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as source:
-            from tqdm import tqdm
-
-            total = int(source.headers.get("Content-Length") or 0)
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {file}") as bar:
-                for block in iter(lambda: source.read(1 << 20), b""):
-                    out.write(block)
-                    bar.update(len(block))
-        if sha256_file(Path(tmp)) != sha:
-            raise CheckpointError(f"{url}: the downloaded file's SHA256 does not match; try again")
-        os.replace(tmp, target)
+    try:  # torch.hub writes a temporary file beside target, checks its SHA256, then moves it into place
+        torch.hub.download_url_to_file(url, str(target), hash_prefix=sha, progress=True)
+    except RuntimeError as error:
+        if "invalid hash value" not in str(error):
+            raise
+        raise CheckpointError(f"{url}: the downloaded file's SHA256 does not match; try again") from None
     except (urllib.error.URLError, OSError) as error:
         raise CheckpointError(
             f"{problem}, and it could not be downloaded from {url} ({error}). "
             f"Download it on a machine with network access and put it at {target}, or pass its path instead of '{name}'"
         ) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return target
 
 

@@ -98,7 +98,7 @@ def _notes(parsed: Parsed, report: RecordReport, images: ImageReport) -> list[st
         notes.append(f"dropped {len(report.exact_duplicates)} exact duplicate record(s): {pairs}.")
     if images.bad:
         listed = _first_bad_images(images)
-        notes.append(f"--skip-bad-images dropped {len(images.bad)} record(s) with bad images ({listed}).")
+        notes.append(f"--skip_bad_images dropped {len(images.bad)} record(s) with bad images ({listed}).")
     odd_modes = {m: n for m, n in images.modes.items() if m != "RGB"}
     if odd_modes:
         notes.append(f"non-RGB images (converted to RGB when loaded): {dict(sorted(odd_modes.items()))}.")
@@ -136,7 +136,7 @@ def prepare(dataset_dir: Path, name: str, out: Path, *, workers: int | None, ski
         problems.append(
             f"{len(images.bad)} of {len(records)} images under {parsed.image_root} are missing or do not decode "
             f"(first {min(10, len(images.bad))}: {listed}). Restore them from the dataset's distribution, "
-            "or pass --skip-bad-images to drop those records."
+            "or pass --skip_bad_images to drop those records."
         )
     bad = {rel for rel, _ in images.bad} if skip_bad_images else set()
     records = [r for r in records if r.image not in bad]
@@ -192,7 +192,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="which benchmark (default: all found under root)")
     p.add_argument("--out", type=Path, default=Path("processed_data"), help="output folder (default: processed_data)")
     p.add_argument("--workers", type=int, default=None, help="processes for image checks (default: all cores)")
-    p.add_argument("--skip-bad-images", action="store_true",
+    p.add_argument("--skip_bad_images", "--skip-bad-images", action="store_true",
                    help="drop records whose image is missing or does not decode instead of stopping")
     p.add_argument("--force", action="store_true", help="rebuild even when the input is unchanged")
     return p

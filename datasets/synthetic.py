@@ -1,4 +1,4 @@
-"""`python -m datasets.synthetic --out DIR --format NAME --ids N --images-per-id M --seed S`.
+"""`python -m datasets.synthetic --out DIR --format NAME --ids N --images_per_id M --seed S`.
 
 Writes DIR/<NAME>/ in exactly that benchmark's raw layout (annotation file, imgs/ tree, split names,
 id conventions, captions per image), so `bash data.sh DIR NAME` reads it like the real thing. Output is a
@@ -114,7 +114,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder to create <format>/ in")
     p.add_argument("--format", choices=list(BENCHMARKS), required=True, help="raw layout to write")
     p.add_argument("--ids", type=int, default=200, help="number of identities")
-    p.add_argument("--images-per-id", type=int, default=4, help="images per identity")
+    p.add_argument("--images_per_id", "--images-per-id", type=int, default=4, help="images per identity")
     p.add_argument("--seed", type=int, default=0, help="everything drawn is a function of this seed")
     p.add_argument("--size", default=f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}", help="image WIDTHxHEIGHT (default 64x128)")
     p.add_argument("--force", action="store_true", help="replace an existing out/<format>/ folder (once the new one is complete)")

@@ -33,7 +33,12 @@ def _all_gather(tensor: torch.Tensor, world: int) -> torch.Tensor:
 
 
 class _AllGather(torch.autograd.Function):
-    """Forward: all ranks' (b, ...) tensors concatenated in rank order. Backward: all-reduce(sum), own slice."""
+    """Forward: all ranks' (b, ...) tensors concatenated in rank order. Backward: all-reduce(sum), own slice.
+
+    Hand-written because torch.distributed.nn.functional.all_gather failed the 2-process equivalence test with
+    it (tests/test_distributed.py, Gloo, torch 2.14: gradients off by up to ~6e3), and it is deprecated
+    (FutureWarning on every call) and refused under torch.compile; its suggested successor is private API.
+    """
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:

@@ -70,3 +70,12 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def module_single_thread():
+    """single_thread for a whole module, its module fixtures included (pytestmark = usefixtures(...))."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

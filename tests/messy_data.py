@@ -3,7 +3,7 @@
 Benign mess (data.sh must accept and repair or report it): grayscale, palette, RGBA and CMYK images,
 mixed .jpg/.png, a tiny crop, HTML entities, non-ASCII punctuation, doubled spaces and trailing
 newlines, an over-long caption, string ids, an empty caption, a record whose only captions are blank,
-an exact duplicate record. Fatal mess (data.sh must stop, unless --skip-bad-images): a missing image
+an exact duplicate record. Fatal mess (data.sh must stop, unless --skip_bad_images): a missing image
 and a truncated JPEG.
 """
 from __future__ import annotations

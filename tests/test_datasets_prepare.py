@@ -223,10 +223,10 @@ def test_bad_images_stop_the_run_unless_skipped(clean, tmp_path, capsys):
     assert code == 1 and "2 of" in errors[0]
     assert f"imgs/{mess.missing_image}: missing" in errors[0]
     assert f"imgs/{mess.truncated_image}: does not decode" in errors[0]
-    assert "--skip-bad-images" in errors[0] and not out.exists()
+    assert "--skip_bad_images" in errors[0] and not out.exists()
 
-    code, stdout, _ = run_main([tmp_path / "raw", "all", "--out", out, "--workers", "1", "--skip-bad-images"], capsys)
-    assert code == 0 and "--skip-bad-images dropped 2 record(s)" in stdout
+    code, stdout, _ = run_main([tmp_path / "raw", "all", "--out", out, "--workers", "1", "--skip_bad_images"], capsys)
+    assert code == 0 and "--skip_bad_images dropped 2 record(s)" in stdout
     assert "not found under" in stdout and "CUHK-PEDES" in stdout  # `all` says which benchmarks are absent
     meta = json.loads((out / "RSTPReid" / "meta.json").read_text())
     assert meta["dropped"]["bad_images"] == sorted([mess.missing_image, mess.truncated_image])

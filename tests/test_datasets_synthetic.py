@@ -126,7 +126,7 @@ def test_caption_with_bag_and_hat_mentions_them_usually():
 
 
 def test_cli_refuses_to_overwrite_without_force(tmp_path, capsys):
-    args = ["--out", str(tmp_path), "--format", "ICFG-PEDES", "--ids", "6", "--images-per-id", "1", "--seed", "1"]
+    args = ["--out", str(tmp_path), "--format", "ICFG-PEDES", "--ids", "6", "--images_per_id", "1", "--seed", "1"]
     assert main(args) == 0
     assert main(args) == 1 and "--force" in capsys.readouterr().err
     assert main(args + ["--force"]) == 0
@@ -135,7 +135,7 @@ def test_cli_refuses_to_overwrite_without_force(tmp_path, capsys):
 
 
 def test_force_replaces_the_folder_whole_and_never_writes_through_a_planted_link(tmp_path):
-    args = ["--out", str(tmp_path), "--format", "ICFG-PEDES", "--ids", "6", "--images-per-id", "1", "--seed", "1"]
+    args = ["--out", str(tmp_path), "--format", "ICFG-PEDES", "--ids", "6", "--images_per_id", "1", "--seed", "1"]
     assert main(args) == 0
     victim = tmp_path / "victim.json"
     victim.write_text("keep me")

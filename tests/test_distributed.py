@@ -274,7 +274,8 @@ def test_torchrun_training_keeps_replicas_identical_and_only_rank_0_writes(strai
     assert stdout.count("epoch 1 on val:") == 1 and stdout.count('{"epoch": 3,') == 1  # printed by rank 0 only
     assert [r["epoch"] for r in rows(out)] == [1, 2, 3]
     assert sorted(p.name for p in out.iterdir()) == [
-        "best.pt", "config.json", "last.pt", "metrics.jsonl", "rank0.pt", "rank1.pt"]
+        "best.pt", "config.json", "environment.json", "last.pt", "metrics.jsonl", "rank0.pt", "rank1.pt", "train.log"]
+    assert (out / "train.log").read_text().count("epoch 1 on val:") == 1  # rank 0's console only
 
 
 def test_distributed_evaluation_equals_one_process_exactly(straight):

@@ -13,7 +13,8 @@ NAMES = {"config", "dataset", "data_root", "clip", "clip_arch", "output_dir", "i
          "epochs", "lr_head", "lr_image", "lr_text", "wd_image", "warmup_epochs", "warmup_start", "milestones", "gamma",
          "cmpm_weights", "cmpc_weights", "diversity_weight", "ranking_weight", "margin", "gather_features", "sync_bn",
          "amp", "device", "workers", "seed", "eval_every", "eval_batch_size", "eval_at_start", "resume",
-         "max_nonfinite", "no_progress", "overwrite", "text_encoder", "bert", "compile"}
+         "max_nonfinite", "no_progress", "overwrite", "text_encoder", "bert", "compile", "select_on", "tensorboard",
+         "log_every"}
 
 
 def parse_error(argv, capsys):
@@ -51,7 +52,7 @@ def test_the_table_gives_the_defaults_and_the_attribute_names(monkeypatch):
     (["--dataset", "Market"], "dataset takes one of CUHK-PEDES, ICFG-PEDES, RSTPReid"),
     (["--milestones", "25", "20"], "milestones takes strictly increasing epochs"),
     (["--workers", "-1"], "workers takes an integer >= 0 (or null)"),
-    (["--batch_size", "x"], "argument --batch_size: invalid int value: 'x'"),
+    (["--batch_size", "x"], "argument --batch_size/--batch-size: invalid int value: 'x'"),
 ])
 def test_bad_flags_fail_in_one_line_naming_the_setting_and_the_allowed_values(argv, named, capsys):
     line = parse_error(argv, capsys)

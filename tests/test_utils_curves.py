@@ -42,3 +42,10 @@ def test_png_is_written_atomically_and_empty_history_is_an_error(tmp_path):
     metrics.write_text("")
     with pytest.raises(ValueError, match="no epochs recorded"):
         plot_training_curves(metrics, tmp_path / "empty.png")
+
+
+def test_carved_validation_points_are_marked_as_val():
+    rows = [{**row, "eval_split": "val_carved"} for row in ROWS if row.get("eval_split", "val") == "val"]
+    metrics = training_curves_figure(rows).axes[1]
+    markers = {line.get_marker() for line in metrics.get_lines() if line.get_linestyle() == "None"}
+    assert markers == {"o"} and "val_carved" in metrics.get_title()

@@ -11,7 +11,8 @@ from matplotlib.figure import Figure
 from .files import atomic_write
 
 METRICS = (("R1", "R@1"), ("mAP", "mAP"), ("mINP", "mINP"))
-SPLIT_MARKERS = {"val": "o", "test": "s"}  # which split an evaluation ran on is visible at each point
+# Which split an evaluation ran on is visible at each point; val_carved: training ids held out as val (ICFG-PEDES).
+SPLIT_MARKERS = {"val": "o", "val_carved": "o", "test": "s"}
 
 
 def read_history(metrics_jsonl: str | Path) -> list[dict]:
@@ -51,7 +52,7 @@ def training_curves_figure(rows: list[dict]) -> Figure:
         split = best.get("eval_split", "val")
         metrics.axvline(best["epoch"], color="grey", linestyle="--",
                         label=f"best R@1 {best['R1']:.2f} (epoch {best['epoch']}, {split})")
-    splits = [s for s in ("val", "test") if any(row.get("eval_split", "val") == s for row in scored)]
+    splits = [s for s in SPLIT_MARKERS if any(row.get("eval_split", "val") == s for row in scored)]
     metrics.set_title("text-to-image retrieval on " + " and ".join(splits) + " (circle = val, square = test)")
     metrics.set_xlabel("epoch")
     metrics.set_ylabel("%")

@@ -163,6 +163,10 @@ TRAIN_SETTINGS = (
                  "processes, minus one for each)"),
     Setting("seed", 42, int, minimum=0),
     Setting("eval_every", 1, int, minimum=1, help="evaluate every N epochs (and after the last)"),
+    Setting("select_on", "val", choices=("val", "test"),
+            help="the split that evaluates during training and selects best.pt: val (a dataset without one, "
+                 "ICFG-PEDES, holds out about 5 percent of its training ids as val, from --seed); test only on request "
+                 "(the numbers are then not honest test results)"),
     Setting("eval_batch_size", 128, int, minimum=1, role=KEPT),
     Setting("eval_at_start", False, bool,
             help="also evaluate the model before training (recorded as epoch 0: the untrained baseline)"),
@@ -171,6 +175,10 @@ TRAIN_SETTINGS = (
     Setting("max_nonfinite", 50, int, minimum=1, role=KEPT,
             help="abort after this many steps in a row undone for a non-finite loss or non-finite weights"),
     Setting("no_progress", False, bool, role=COMMAND, help="no progress bars (logs only)"),
+    Setting("tensorboard", False, bool, role=KEPT,
+            help="also write TensorBoard logs to <output_dir>/tb/ (needs: pip install tensorboard)"),
+    Setting("log_every", 50, int, minimum=1, role=KEPT,
+            help="with --tensorboard: the training loss every N steps (read only at those steps)"),
 )
 TABLE = {s.name: s for s in TRAIN_SETTINGS}
 
@@ -183,18 +191,20 @@ class _OneLineErrors(argparse.ArgumentParser):
 
 
 def get_args_parser(description: str) -> argparse.ArgumentParser:
-    """The flags of TRAIN_SETTINGS; only flags given on the command line appear in the parsed namespace."""
+    """The flags of TRAIN_SETTINGS (--eval_every, with --eval-every as an alias); only flags given on the command
+    line appear in the parsed namespace."""
     parser = _OneLineErrors(prog="train.py", description=description, argument_default=argparse.SUPPRESS)
     groups: dict[str | None, Any] = {None: parser}
     for s in TRAIN_SETTINGS:
         target = groups.setdefault(s.group, s.group and parser.add_argument_group(s.group))
         default = "" if s.default in (None, False) else f" (default: {s.default})"
+        flags = [f"--{s.name}", f"--{s.name.replace('_', '-')}"] if "_" in s.name else [f"--{s.name}"]
         if s.kind is bool:
-            target.add_argument(f"--{s.name}", action="store_true", help=s.help)
+            target.add_argument(*flags, action="store_true", help=s.help)
             continue
         metavar = "{" + ",".join(s.choices) + "}" if s.choices else None
         nargs = s.count if s.count else None
-        target.add_argument(f"--{s.name}", type=s.kind, nargs=nargs, metavar=metavar, help=s.help + default)
+        target.add_argument(*flags, type=s.kind, nargs=nargs, metavar=metavar, help=s.help + default)
     return parser
 
 

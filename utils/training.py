@@ -1,7 +1,6 @@
 """Pieces of the training loop that are not CFine-specific: mixed precision, stop signals, RNG state, seeding."""
 from __future__ import annotations
 
-import contextlib
 import random
 import signal
 
@@ -20,11 +19,9 @@ def resolve_amp(mode: str, device: torch.device) -> str:
     return mode
 
 
-def autocast(device: torch.device, mode: str):
-    """torch.autocast for 'bf16'/'fp16', a no-op context for 'off'."""
-    if mode == "off":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+def autocast(device: torch.device, mode: str) -> torch.autocast:
+    """torch.autocast for an --amp mode ('bf16', 'fp16'; 'off' disables it)."""
+    return torch.autocast(device.type, dtype=torch.float16 if mode == "fp16" else torch.bfloat16, enabled=mode != "off")
 
 
 def compiled(fn, backend: str = "off"):
