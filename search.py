@@ -24,8 +24,7 @@ from datasets.image_folder import ImageFiles, collate_readable, scan_image_folde
 from datasets.transforms import ImageTransform
 from models.cfine import retrieval_features
 from utils.checkpoint import CheckpointFileError, load_model
-from utils.search_index import (FEATURE, SearchIndexError, checkpoint_identity, gather_rows, open_for_update,
-                                write_index)
+from utils.search_index import FEATURE, SearchIndexError, checkpoint_identity, gather_rows, open_for_update, write_index
 from utils.search_page import MAX_K
 from utils.search_server import SearchServer
 from utils.text_search import load_text_search

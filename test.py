@@ -19,11 +19,11 @@ from datasets.processed import check_same_data
 from models.cfine import retrieval_features
 from utils import distributed
 from utils.checkpoint import CheckpointFileError, load_model
+from utils.curves import plot_training_curves
 from utils.evaluation import encode_split, format_table, score_split
 from utils.files import check_writable_folder, write_json
 from utils.settings import TABLE, Setting, flag_type
 from utils.training import resolve_amp
-from utils.curves import plot_training_curves
 from utils.visualize import ranking_page
 
 

@@ -36,12 +36,11 @@ from models.optim import build_optimizer
 from models.tokenization import CaptionTokenizer, caption_tokenizer
 from utils import distributed, run_log, settings
 from utils.checkpoint import CheckpointFileError, load_checkpoint, save_checkpoint
-from utils.evaluation import encode_split, format_table, score_split
 from utils.environment import record_environment
+from utils.evaluation import encode_split, format_table, score_split
 from utils.files import atomic_write, check_writable_folder, folder_contents, remove_stale_temp_files, write_json
 from utils.step_guard import StepGuard, TrainingDiverged
-from utils.training import (StopRequest, TrainingStopped, autocast, compiled, resolve_amp, rng_state, seed_everything,
-                            set_rng_state)
+from utils.training import StopRequest, TrainingStopped, autocast, compiled, resolve_amp, rng_state, seed_everything, set_rng_state
 
 # What --overwrite deletes (and tb/'s event files); train.log is started afresh.
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "environment.json", "held_out_ids.json")

@@ -16,8 +16,8 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datasets.images import usable_cpus
 from datasets.holdout import split_off
+from datasets.images import usable_cpus
 from datasets.processed import SplitRecords, available_splits, load_split
 from datasets.sampler import EpochSampler
 from datasets.transforms import ResizeToUint8, check_mean_std, load_rgb

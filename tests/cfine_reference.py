@@ -13,7 +13,6 @@ import torch
 
 from clip.model import TokenFeatures
 
-
 # ---------------------------------------------------------------- synthetic inputs
 
 

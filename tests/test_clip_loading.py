@@ -102,7 +102,8 @@ def test_unexpected_and_missing_keys(tiny, tmp_path):
     del state["ln_final.bias"]
     path = tmp_path / "keys.pt"
     torch.save(state, path)
-    with pytest.raises(CheckpointError, match=r"keys\.pt.*missing keys \['ln_final\.bias'\].*unexpected keys \['visual\.extra_head\.weight'\]"):
+    expected = r"keys\.pt.*missing keys \['ln_final\.bias'\].*unexpected keys \['visual\.extra_head\.weight'\]"
+    with pytest.raises(CheckpointError, match=expected):
         clip.load(path)
 
 

@@ -9,11 +9,10 @@ from PIL import Image
 
 from datasets import prepare
 from datasets.base import DataError
-from datasets.build import (TrainPairs, available_splits, build_eval_data, build_train_loader, default_workers,
-                            flip_coin)
+from datasets.build import TrainPairs, available_splits, build_eval_data, build_train_loader, default_workers, flip_coin
+from datasets.images import usable_cpus
 from datasets.processed import load_split
 from datasets.sampler import EpochSampler
-from datasets.images import usable_cpus
 from datasets.transforms import MEAN_STD, ImageDecodeError, ImageTransform, ResizeToUint8, load_rgb, to_model_input
 from tests.messy_data import LONG_TAIL, make_dataset, read_annotation, write_annotation
 

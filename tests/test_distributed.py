@@ -16,11 +16,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
+import train
 from clip.model import CLIPConfig
 from datasets.build import EvalData
 from models import CFine, CFineConfig
 from models.gather import GlobalBatchNorm1d, convert_to_global_bn, gather_batch
-import train
 from tests.conftest import REPO, TINY_TRAIN_FLAGS, random_caption_ids
 from utils import distributed
 from utils.checkpoint import load_checkpoint
@@ -321,7 +321,10 @@ def test_sigterm_under_torchrun_saves_on_rank_0_and_resumes_exactly(processed_ro
     assert_same_state(load_checkpoint(out / "last.pt")["model"], load_checkpoint(straight[0] / "last.pt")["model"])
     # The interrupted epoch logs the mean loss of its steps after the resume only; all else is the same.
     interrupted = state["epoch"] + 1
-    without_loss = lambda r: {k: v for k, v in r.items() if not (r["epoch"] == interrupted and k.startswith("loss"))}
+
+    def without_loss(r):
+        return {k: v for k, v in r.items() if not (r["epoch"] == interrupted and k.startswith("loss"))}
+
     assert [without_loss(r) for r in rows(out)] == [without_loss(r) for r in rows(straight[0])]
 
 

@@ -11,7 +11,6 @@ import utils.environment as environment
 from tests.conftest import TINY_TRAIN_FLAGS
 from utils.run_log import ConsoleCopy, TrainingBoard
 
-
 pytestmark = pytest.mark.usefixtures("module_single_thread")  # tiny runs: threads only add overhead
 
 

@@ -15,10 +15,10 @@ from datasets.image_folder import ImageFiles, scan_image_folder
 from datasets.processed import load_split
 from datasets.transforms import ImageTransform
 from models.cfine import retrieval_features
+from utils import search_index
 from utils.checkpoint import load_model, save_checkpoint
 from utils.evaluation import encode_split
 from utils.gallery_search import top_k
-from utils import search_index
 from utils.search_index import SearchIndexError, gather_rows, open_for_update, read_index, write_index
 
 pytestmark = pytest.mark.usefixtures("single_thread")

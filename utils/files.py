@@ -7,7 +7,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 # atomic_write's temporary names: "." + the destination's name + "." + mkstemp's 8 random characters + ".tmp".
 _STALE_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
