@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from datasets.build import default_workers
 from datasets.image_folder import ImageFiles, collate_readable, scan_image_folder
-from datasets.transforms import ImageTransform
+from datasets.transforms import ResizeToUint8, to_model_input
 from models.cfine import retrieval_features
 from utils.checkpoint import CheckpointFileError, load_model
 from utils.search_index import FEATURE, SearchIndexError, checkpoint_identity, gather_rows, open_for_update, write_index
@@ -83,7 +83,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def encode_files(model, paths: list[Path], mean_std: str, device: torch.device, amp: str, batch_size: int,
                  workers: int, progress: bool) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
     """Retrieval features (M, 3D) fp16 of the readable images, their positions in paths, and (position, why) of the rest."""
-    transform = ImageTransform(tuple(model.config.clip.vision.image_size), mean_std)
+    transform = ResizeToUint8(tuple(model.config.clip.vision.image_size))  # as test.py: uint8, normalised on the device
     loader = DataLoader(ImageFiles([str(p) for p in paths], transform), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=collate_readable, pin_memory=device.type == "cuda")
     dim = 3 * model.config.width  # [global, lg1, lg2], each D wide (512 CLIP text, 768 bert mode)
@@ -93,7 +93,8 @@ def encode_files(model, paths: list[Path], mean_std: str, device: torch.device, 
             failed += batch["failed"]
             if len(batch["positions"]):
                 with autocast(device, amp):
-                    encoded = model.encode_images(batch["images"].to(device, non_blocking=True))
+                    images = to_model_input(batch["images"].to(device, non_blocking=True), mean_std)
+                    encoded = model.encode_images(images)
                 features.append(retrieval_features(encoded.float(), FEATURE).half().cpu().numpy())
                 positions.append(batch["positions"].numpy())
             bar.update(len(batch["positions"]) + len(batch["failed"]))

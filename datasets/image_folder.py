@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from datasets.transforms import ImageDecodeError, ImageTransform, load_rgb
+from datasets.transforms import ImageDecodeError, ResizeToUint8, load_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -56,9 +56,9 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[ImageFile], list[st
 
 
 class ImageFiles(Dataset):
-    """Transformed images by position; an unreadable file gives its error message instead of a tensor."""
+    """Resized uint8 images by position; an unreadable file gives its error message instead of a tensor."""
 
-    def __init__(self, paths: list[str], transform: ImageTransform):
+    def __init__(self, paths: list[str], transform: ResizeToUint8):
         self.paths, self.transform = paths, transform
 
     def __len__(self) -> int:

@@ -2,8 +2,9 @@
 normalisation of whole batches on the training device (torchvision.transforms.v2 functional ops).
 
 Batches travel as uint8 (a quarter of float32's bytes, pinned, copied without blocking) and become model inputs
-with `to_model_input` on the device. `ImageTransform` is the earlier all-in-the-worker float path, kept for
-image-by-image use (search.py) and as the baseline of benchmarks/loader_speed.py; both give the same values.
+with `to_model_input` on the device; train.py, test.py and search.py all take this path. `ImageTransform` is the
+earlier all-in-the-worker float path, kept as the baseline of benchmarks/loader_speed.py and as the independent
+reference the tests compare the device path with (the same values, bit for bit).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import search
 from datasets.build import build_eval_data
 from datasets.image_folder import ImageFiles, scan_image_folder
 from datasets.processed import load_split
-from datasets.transforms import ImageTransform
+from datasets.transforms import ResizeToUint8
 from models.cfine import retrieval_features
 from utils import search_index
 from utils.checkpoint import load_model, save_checkpoint
@@ -88,7 +88,7 @@ def test_scan_finds_images_by_suffix_and_leaves_out_links_leading_outside(tmp_pa
 def test_unreadable_image_gives_its_reason_instead_of_failing(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
     Image.new("RGB", (4, 8)).save(tmp_path / "good.png")
-    files = ImageFiles([str(tmp_path / "bad.jpg"), str(tmp_path / "good.png")], ImageTransform((8, 4)))
+    files = ImageFiles([str(tmp_path / "bad.jpg"), str(tmp_path / "good.png")], ResizeToUint8((8, 4)))
     assert "UnidentifiedImageError" in files[0][1]
     assert files[1][1].shape == (3, 8, 4)
 
