@@ -105,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
             raise SystemExit(f"{processed} has no {args.split} split (it has: {', '.join(splits)})")
         data = build_eval_data(processed, args.split, image_size=image_size, batch_size=args.batch_size,
                                workers=workers, mean_std=train_args.get("mean_std", "clip"),
-                               tokenizer=model.tokenize, held_out_ids=held_out)
+                               tokenizer=model.tokenizer, held_out_ids=held_out)
     except DataError as error:
         raise SystemExit(f"--data_root/--dataset: {error}") from None
     encoded = encode_split(model, data, device, amp, args.batch_size, progress=info.is_main and not args.no_progress,

@@ -13,7 +13,7 @@ from clip.model import CLIP, TokenFeatures
 
 from .config import CFineConfig
 from .head import CFineHead, CFineOutput
-from .tokenization import CaptionTokenizer, caption_tokenizer, clip_token_count, warn_if_truncated
+from .tokenization import CaptionTokenizer, caption_tokenizer, warn_if_truncated
 
 
 def retrieval_features(features: torch.Tensor, mode: str = "concat") -> torch.Tensor:
@@ -57,20 +57,11 @@ class CFine(nn.Module):
                                                 config.bert_max_length)
         return self._tokenizer
 
-    @property
-    def text_length(self) -> int:
-        """Ids per caption: CLIP's context (77) or bert_max_length (100)."""
-        return self.config.bert_max_length if self.config.text_encoder == "bert" else self.config.clip.text.context_length
-
     def tokenize(self, captions: list[str], warn_truncated: bool = False) -> torch.Tensor:
         """Token ids for this model's text encoder, (N, L) long; over-long captions are truncated (warned if asked)."""
         captions = list(captions)
         if warn_truncated:
-            if self.config.text_encoder == "bert":
-                counts = self.tokenizer.token_counts(captions)
-            else:
-                counts = [clip_token_count(c) for c in captions]
-            warn_if_truncated(captions, counts, self.text_length)
+            warn_if_truncated(captions, self.tokenizer.token_counts(captions), self.tokenizer.max_length)
         return self.tokenizer(captions)
 
     def load_clip_weights(self, source: nn.Module | dict[str, torch.Tensor]) -> None:

@@ -6,23 +6,37 @@ search.py) asks `caption_tokenizer` for the function that matches the model it r
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from typing import Protocol, Sequence
 
 import torch
 
 from clip.tokenizer import CONTEXT_LENGTH, default_tokenizer
 
-CaptionTokenizer = Callable[[Sequence[str]], torch.Tensor]
+
+class CaptionTokenizer(Protocol):
+    """Captions -> (N, max_length) long ids for one text encoder; token_counts says how many ids each needs."""
+
+    max_length: int
+
+    def __call__(self, captions: Sequence[str]) -> torch.Tensor: ...
+
+    def token_counts(self, captions: Sequence[str]) -> list[int]: ...
 
 
-def clip_token_ids(captions: Sequence[str]) -> torch.Tensor:
+class ClipCaptionTokenizer:
     """CLIP BPE ids (N, 77): SOT, BPE, EOT, zero padding; an over-long caption is cut with EOT kept last."""
-    return default_tokenizer().tokenize(list(captions), context_length=CONTEXT_LENGTH, truncate=True)
+
+    max_length = CONTEXT_LENGTH
+
+    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+        return default_tokenizer().tokenize(list(captions), context_length=CONTEXT_LENGTH, truncate=True)
+
+    def token_counts(self, captions: Sequence[str]) -> list[int]:
+        """How many CLIP ids each caption needs, SOT and EOT included (over 77: it is truncated)."""
+        return [len(default_tokenizer().encode(caption)) + 2 for caption in captions]
 
 
-def clip_token_count(caption: str) -> int:
-    """How many CLIP ids the caption needs, SOT and EOT included (more than 77 means it is truncated)."""
-    return len(default_tokenizer().encode(caption)) + 2
+clip_token_ids = ClipCaptionTokenizer()
 
 
 def caption_tokenizer(text_encoder: str = "clip", vocab_text: str | None = None, lower_case: bool = True,
