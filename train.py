@@ -91,12 +91,11 @@ def build_model(args: argparse.Namespace, num_classes: int) -> CFine:
 
 def load_bert_for_training(folder: str):
     """(pretrained BertModel, vocab.txt's text, CFineConfig's text fields) from a --bert folder; clear errors."""
-    from models.bert_text import BertFolderError, load_pretrained_bert, read_lower_case  # bert mode only
+    from models.bert_text import BertFolderError, load_pretrained_bert, read_vocabulary  # bert mode only
 
     try:
         weights, architecture = load_pretrained_bert(folder)
-        vocab = (Path(folder) / "vocab.txt").read_text(encoding="utf-8")
-        lower_case = read_lower_case(Path(folder))
+        vocab, lower_case = read_vocabulary(folder)
     except BertFolderError as error:
         raise SystemExit(str(error)) from None
     return weights, vocab, {"text_encoder": "bert", "bert": architecture, "bert_lower_case": lower_case}
@@ -109,11 +108,10 @@ def run_tokenizer(args: argparse.Namespace, resumed: dict | None) -> CaptionToke
         return caption_tokenizer(config.text_encoder, resumed.get("text_vocab"), config.bert_lower_case,
                                  config.bert_max_length)
     if args.text_encoder == "bert":
-        from models.bert_text import BertFolderError, check_bert_folder, read_lower_case  # bert mode only
+        from models.bert_text import BertFolderError, read_vocabulary  # bert mode only
 
         try:
-            folder = check_bert_folder(args.bert)
-            return caption_tokenizer("bert", (folder / "vocab.txt").read_text(encoding="utf-8"), read_lower_case(folder))
+            return caption_tokenizer("bert", *read_vocabulary(args.bert))
         except BertFolderError as error:
             raise SystemExit(str(error)) from None
     return caption_tokenizer("clip")

@@ -58,6 +58,16 @@ def read_lower_case(folder: Path) -> bool:
     return True
 
 
+def read_vocabulary(folder: str | Path) -> tuple[str, bool]:
+    """(vocab.txt's text, whether WordPiece lower-cases) of a checked --bert folder: what its tokeniser needs."""
+    folder = check_bert_folder(folder)
+    try:
+        vocab = (folder / "vocab.txt").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise BertFolderError(f"{folder / 'vocab.txt'}: cannot be read ({error})") from None
+    return vocab, read_lower_case(folder)
+
+
 def build_bert(config: dict) -> nn.Module:
     """A randomly initialised BertModel (no pooler, eager attention) of the architecture `config` describes."""
     transformers = import_transformers()
