@@ -9,7 +9,7 @@ worker restarts never change a batch. Call `loader.sampler.set_epoch(epoch)` bef
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -95,6 +95,8 @@ class EvalData:
     query_tokens: torch.Tensor  # (Q, L) long: 77 CLIP ids, or 100 BERT ids
     query_pids: torch.Tensor  # (Q,) long
     query_captions: list[str]
+    # This process's share of the gallery under torchrun (utils.evaluation), made once so its workers persist.
+    gallery_shard: DataLoader | None = field(default=None, repr=False)
 
 
 def _loader_kwargs(workers: int | None, pin_memory: bool | None, persistent: bool) -> dict:

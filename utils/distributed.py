@@ -58,7 +58,7 @@ def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
 def loader_workers(requested: int | None, info: DistInfo) -> int | None:
     """--workers as given; by default (None) under torchrun the node's cores shared among its training processes."""
     if requested is not None or not info.enabled:
-        return requested  # None: the loaders' own default (cores - 1, at most 8)
+        return requested  # None: the loaders' own default (the node's cores minus one)
     return default_workers(processes=info.local_world_size)
 
 

@@ -37,7 +37,7 @@ def encode_split(model, data, device: torch.device, amp: str = "off", batch_size
     was_training = model.training
     model.eval()
     encode_images, encode_texts = compiled(model.encode_images, compile), compiled(model.encode_texts, compile)
-    loader = _gallery_shard(data.gallery_loader)
+    loader = _gallery_shard(data)
     empty = torch.zeros(0, 3, model.config.width, device=device)  # for a rank left without a batch
     gallery = [empty]
     for batch in tqdm(loader, desc=f"encode {data.split} gallery", disable=not progress, leave=False):
@@ -56,24 +56,21 @@ def encode_split(model, data, device: torch.device, amp: str = "off", batch_size
                         data.gallery_pids.to(device), data.query_pids.to(device))
 
 
-_SHARDS: dict[int, tuple[DataLoader, DataLoader]] = {}  # id(gallery loader) -> (it, this rank's loader)
-
-
-def _gallery_shard(loader: DataLoader) -> DataLoader:
+def _gallery_shard(data) -> DataLoader:
     """This rank's contiguous share of the gallery loader: the loader itself in one process.
 
-    Built once per gallery loader and kept, so that its persistent workers serve every evaluation of a run.
+    Built once per EvalData and kept on it, so that its persistent workers serve every evaluation of a run.
     """
+    loader = data.gallery_loader
     images = distributed.shard_range(len(loader.dataset), loader.batch_size)
     if len(images) == len(loader.dataset):
         return loader
-    known = _SHARDS.get(id(loader))
-    if known is None or known[0] is not loader:
-        known = loader, DataLoader(Subset(loader.dataset, images), batch_size=loader.batch_size,
-                                   collate_fn=loader.collate_fn, num_workers=loader.num_workers,
-                                   pin_memory=loader.pin_memory, persistent_workers=loader.persistent_workers)
-        _SHARDS[id(loader)] = known
-    return known[1]
+    if data.gallery_shard is None:
+        data.gallery_shard = DataLoader(Subset(loader.dataset, images), batch_size=loader.batch_size,
+                                        collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+                                        pin_memory=loader.pin_memory, persistent_workers=loader.persistent_workers)
+    return data.gallery_shard
+
 
 
 def score_split(encoded: EncodedSplit) -> dict[str, dict[str, float]]:
