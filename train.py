@@ -39,6 +39,7 @@ from utils.checkpoint import CheckpointFileError, load_checkpoint, save_checkpoi
 from utils.environment import record_environment
 from utils.evaluation import encode_split, format_table, score_split
 from utils.files import atomic_write, check_writable_folder, folder_contents, remove_stale_temp_files, write_json
+from utils.grad_cache import forward_backward
 from utils.step_guard import StepGuard, TrainingDiverged
 from utils.training import StopRequest, TrainingStopped, autocast, compiled, resolve_amp, rng_state, seed_everything, set_rng_state
 
@@ -327,6 +328,9 @@ def start_output(output_dir: Path, args, model: CFine, data: TrainData, info, de
           f"{data.loader.sampler.batches_per_epoch} steps/epoch, global batch {args.batch_size * info.world_size} "
           f"({args.batch_size} per process x {info.world_size} process(es)); device {device}, amp {amp}; "
           f"evaluating on {data.eval_split}; writing to {output_dir}")
+    if args.chunk_size:
+        print(f"gradient caching: encoders run {args.chunk_size} pairs at a time (twice), the head and losses see the "
+              f"whole batch of {args.batch_size}: the same step with less memory")
     if data.eval_split == "val_carved":
         print(f"{args.dataset} has no val split: {len(data.held_out_ids)} training ids held out as val (from seed "
               f"{args.seed}, listed in {output_dir / 'held_out_ids.json'}); best.pt is selected on them and the "
@@ -341,8 +345,10 @@ def start_output(output_dir: Path, args, model: CFine, data: TrainData, info, de
 
 
 def train_one_epoch(model, loader, optimizer, scaler, guard: StepGuard, stop: StopRequest, *, device, amp: str,
-                    epoch: int, start_step: int, progress: bool) -> dict:
+                    epoch: int, start_step: int, progress: bool, chunk_size: int | None = None) -> dict:
     """One pass over the epoch's remaining batches: {"losses": parts averaged over kept steps and ranks, "pairs"}.
+
+    chunk_size: gradient caching (utils/grad_cache.py), the same step with encoder memory for that many pairs.
 
     A step whose loss or updated weights are not finite is undone by the guard (TrainingDiverged after too many
     in a row); a stop request ends the epoch after the current step with TrainingStopped.
@@ -359,10 +365,9 @@ def train_one_epoch(model, loader, optimizer, scaler, guard: StepGuard, stop: St
                                        for key in ("images", "flips", "tokens", "pids"))
         images = to_model_input(images, loader.dataset.mean_std, flips)  # uint8 -> flipped, normalised float
         guard.save()
-        with autocast(device, amp):
-            out = model(images, tokens, pids)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(out.loss).backward()
+        out = forward_backward(model, images, tokens, pids, precision=lambda: autocast(device, amp), scale=scaler.scale,
+                               chunk_size=chunk_size)
         scaler.step(optimizer)
         scaler.update()
         step, pairs = step + 1, pairs + images.shape[0]
@@ -472,7 +477,8 @@ def train_run(args: argparse.Namespace, closing: contextlib.ExitStack) -> int:
                 data.loader.sampler.set_epoch(epoch, start_batch=run.step_in_epoch)
                 started = time.perf_counter()
                 stats = train_one_epoch(step_model, data.loader, optimizer, scaler, guard, stop, device=device, amp=amp,
-                                        epoch=epoch, start_step=run.step_in_epoch, progress=progress)
+                                        epoch=epoch, start_step=run.step_in_epoch, progress=progress,
+                                        chunk_size=args.chunk_size)
                 row = epoch_row(epoch, stats, optimizer, guard, started)
                 scheduler.step()
                 distributed.broadcast_buffers(model)  # every rank now holds what rank 0 saves below

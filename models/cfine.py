@@ -94,9 +94,22 @@ class CFine(nn.Module):
             return bert_token_features(self.bert, ids)
         return self.clip.encode_text_tokens(ids)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor, pids: torch.Tensor | None = None) -> CFineOutput:
-        """Features (B, 3, D) per modality; in training mode with pids also the total loss and its parts."""
-        return self.head(self.encode_image_tokens(images), self.encode_text_tokens(tokens), pids)
+    def forward(self, images, tokens, pids: torch.Tensor | None = None,
+                stage: str = "all") -> CFineOutput | tuple[TokenFeatures, TokenFeatures]:
+        """Features (B, 3, D) per modality; in training mode with pids also the total loss and its parts.
+
+        Gradient caching (utils/grad_cache.py) runs the two halves apart, through this same forward so that DDP
+        and torch.compile see them: stage 'encoders' returns the (image, text) TokenFeatures of images and token
+        ids; stage 'head' takes such a pair in place of images and tokens and returns the CFineOutput.
+        """
+        if stage == "head":
+            return self.head(images, tokens, pids)
+        encoded = self.encode_image_tokens(images), self.encode_text_tokens(tokens)
+        if stage == "encoders":
+            return encoded
+        if stage != "all":
+            raise ValueError(f"stage {stage!r} is unknown; use 'all', 'encoders' or 'head'")
+        return self.head(*encoded, pids)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Gallery side of spec §7: [BN(global), BN(lg1), BN(lg2)] image features, (B, 3, D)."""

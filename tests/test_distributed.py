@@ -3,6 +3,7 @@
 The gradient maths runs in 2 processes spawned here on a tiny CFine; the user's path runs train.py and
 test.py under torchrun, through a small probe script that also saves each rank's final weights.
 """
+import contextlib
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ from tests.conftest import REPO, TINY_TRAIN_FLAGS, random_caption_ids
 from utils import distributed
 from utils.checkpoint import load_checkpoint
 from utils.evaluation import encode_split
+from utils.grad_cache import forward_backward
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -98,11 +100,14 @@ def _model(sync_bn=False, gather_features=False) -> CFine:
     return model
 
 
-def _step(model, forward, rows):
-    """One training step on batch rows `rows`: loss, gradients, then the SGD-updated state and the features."""
+def _step(model, forward, rows, chunk_size=None):
+    """One training step on batch rows `rows`: loss, gradients, then the SGD-updated state and the features.
+
+    chunk_size: by gradient caching (utils/grad_cache.py), through `forward` (the DDP wrapper) as train.py does.
+    """
     images, ids, pids = _batch()
-    out = forward(images[rows], ids[rows], pids[rows])
-    out.loss.backward()
+    out = forward_backward(forward, images[rows], ids[rows], pids[rows], precision=contextlib.nullcontext,
+                           scale=lambda loss: loss, chunk_size=chunk_size)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR).step()
     return {"loss": out.loss.detach(), "grads": grads, "state": {k: v.clone() for k, v in model.state_dict().items()},
@@ -121,9 +126,12 @@ def _ddp_worker(rank: int, tmp: str):
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
     try:
         rows = slice(rank * 4, rank * 4 + 4)
-        for mode, options in {"global": (True, True), "local": (False, False)}.items():
-            model = _model(*options)
-            result = _step(model, distributed.wrap_ddp(model, torch.device("cpu")), rows)
+        # Chunks of 3 on each rank's 4 pairs: 3 + 1, so a chunked backward without sync and the synchronised last.
+        modes = {"global": (True, True, None), "local": (False, False, None), "global_chunked": (True, True, 3),
+                 "local_chunked": (False, False, 3)}
+        for mode, (sync_bn, gather_features, chunk_size) in modes.items():
+            model = _model(sync_bn, gather_features)
+            result = _step(model, distributed.wrap_ddp(model, torch.device("cpu")), rows, chunk_size)
             result["loss"] = distributed.all_reduce_sum(result["loss"]) / WORLD  # what train.py logs
             torch.save(result, os.path.join(tmp, f"{mode}_rank{rank}.pt"))
         encoded = encode_split(_model(), _eval_data(), torch.device("cpu"), batch_size=8, progress=False)
@@ -153,38 +161,40 @@ def spawned(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("spawned")
     mp.spawn(_ddp_worker, args=(str(tmp),), nprocs=WORLD, join=True)
     return {f"{mode}{rank}": torch.load(tmp / f"{mode}_rank{rank}.pt", weights_only=False)
-            for mode in ("global", "local", "eval") for rank in range(WORLD)}
+            for mode in ("global", "local", "global_chunked", "local_chunked", "eval") for rank in range(WORLD)}
 
 
-def test_gather_features_and_sync_bn_equal_one_process_on_the_concatenated_batch(spawned):
+@pytest.mark.parametrize("mode", ["global", "global_chunked"])
+def test_gather_features_and_sync_bn_equal_one_process_on_the_concatenated_batch(spawned, mode):
     model = _model()
     reference = _step(model, model, slice(0, 8))
     for rank in range(WORLD):
-        result = spawned[f"global{rank}"]
+        result = spawned[f"{mode}{rank}"]
         torch.testing.assert_close(result["loss"], reference["loss"], rtol=1e-5, atol=1e-5)
         _assert_same_gradients(result["grads"], reference["grads"])
         # Updated parameters and BN running statistics (global-batch statistics on every rank).
         _assert_close_dicts(result["state"], reference["state"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(result["features"], reference["features"][rank * 4:rank * 4 + 4],
                                    rtol=1e-5, atol=1e-5)
-    for key, value in spawned["global0"]["state"].items():  # the replicas are identical, bit for bit
-        assert torch.equal(value, spawned["global1"]["state"][key]), key
+    for key, value in spawned[f"{mode}0"]["state"].items():  # the replicas are identical, bit for bit
+        assert torch.equal(value, spawned[f"{mode}1"]["state"][key]), key
 
 
-def test_without_gather_each_rank_uses_its_own_batch_and_ddp_averages(spawned):
+@pytest.mark.parametrize("mode", ["local", "local_chunked"])
+def test_without_gather_each_rank_uses_its_own_batch_and_ddp_averages(spawned, mode):
     halves = []
     for rank in range(WORLD):
         model = _model()
         halves.append(_step(model, model, slice(rank * 4, rank * 4 + 4)))
     mean_grads = {k: (halves[0]["grads"][k] + halves[1]["grads"][k]) / 2 for k in halves[0]["grads"]}
-    result = spawned["local0"]
+    result = spawned[f"{mode}0"]
     torch.testing.assert_close(result["loss"], (halves[0]["loss"] + halves[1]["loss"]) / 2, rtol=1e-5, atol=1e-5)
     _assert_same_gradients(result["grads"], mean_grads)
-    for key, value in spawned["local0"]["grads"].items():
-        assert torch.equal(value, spawned["local1"]["grads"][key]), key  # DDP's average reached both ranks
+    for key, value in spawned[f"{mode}0"]["grads"].items():
+        assert torch.equal(value, spawned[f"{mode}1"]["grads"][key]), key  # DDP's average reached both ranks
     # BN statistics are per rank here (train.py hands rank 0's to every rank before evaluating and saving).
     for rank in range(WORLD):
-        state = spawned[f"local{rank}"]["state"]
+        state = spawned[f"{mode}{rank}"]["state"]
         for name in ("head.image_bn.running_mean", "head.text_bn.running_var"):
             torch.testing.assert_close(state[name], halves[rank]["state"][name], rtol=1e-5, atol=1e-6)
     # The local objectives are a different training signal from the global batch's (the test above can fail).

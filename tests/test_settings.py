@@ -14,7 +14,7 @@ NAMES = {"config", "dataset", "data_root", "clip", "clip_arch", "output_dir", "i
          "cmpm_weights", "cmpc_weights", "diversity_weight", "ranking_weight", "margin", "gather_features", "sync_bn",
          "amp", "device", "workers", "seed", "eval_every", "eval_batch_size", "eval_at_start", "resume",
          "max_nonfinite", "no_progress", "overwrite", "text_encoder", "bert", "compile", "select_on", "tensorboard",
-         "log_every"}
+         "log_every", "chunk_size"}
 
 
 def parse_error(argv, capsys):
@@ -53,6 +53,10 @@ def test_the_table_gives_the_defaults_and_the_attribute_names(monkeypatch):
     (["--milestones", "25", "20"], "milestones takes strictly increasing epochs"),
     (["--workers", "-1"], "workers takes an integer >= 0 (or null)"),
     (["--batch_size", "x"], "argument --batch_size/--batch-size: invalid int value: 'x'"),
+    (["--chunk_size", "0"], "--chunk_size: 0 is not allowed; chunk_size takes an integer >= 1 (or null)"),
+    (["--chunk_size=-4"], "--chunk_size: -4 is not allowed; chunk_size takes an integer >= 1 (or null)"),
+    (["--batch_size", "16", "--chunk_size", "17"], "--chunk_size 17 is larger than the batch (16 per process): give a "
+                                                    "chunk size from 1 to 16"),
 ])
 def test_bad_flags_fail_in_one_line_naming_the_setting_and_the_allowed_values(argv, named, capsys):
     line = parse_error(argv, capsys)

@@ -18,6 +18,7 @@ from models.cfine import CFine
 from models.config import CFineConfig
 from models.optim import build_optimizer
 from tests.conftest import random_caption_ids
+from utils.grad_cache import forward_backward
 from utils.training import autocast
 
 SYNCING = {torch.ops.aten._local_scalar_dense, torch.ops.aten.item, torch.ops.aten.nonzero, torch.ops.aten.is_nonzero}
@@ -39,8 +40,9 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def one_step_reads(model: CFine, tokens: torch.Tensor, amp: str) -> list[str]:
-    """The host reads of the second training step (the first creates the optimiser state) of a batch of 8."""
+def one_step_reads(model: CFine, tokens: torch.Tensor, amp: str, chunk_size: int | None = None) -> list[str]:
+    """The host reads of the second training step (the first creates the optimiser state) of a batch of 8
+    (chunk_size: by gradient caching, utils/grad_cache.py)."""
     torch.manual_seed(0)
     # Fused Adam as on CUDA (models/optim.py); torch's CPU default reads its CPU step counter with .item(),
     # which is no device sync, so it would only hide the rest of the step here.
@@ -51,10 +53,9 @@ def one_step_reads(model: CFine, tokens: torch.Tensor, amp: str) -> list[str]:
     model.train()
     for _ in range(2):
         with HostReads() as reads:
-            with autocast(torch.device("cpu"), amp):
-                out = model(images, tokens, pids)
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            out = forward_backward(model, images, tokens, pids, precision=lambda: autocast(torch.device("cpu"), amp),
+                                   scale=lambda loss: loss, chunk_size=chunk_size)
             optimizer.step()
     assert torch.isfinite(out.loss)
     return reads.calls
@@ -62,10 +63,11 @@ def one_step_reads(model: CFine, tokens: torch.Tensor, amp: str) -> list[str]:
 
 @pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize("amp", ["off", "bf16"])
-def test_clip_mode_training_step_reads_nothing_on_the_host(amp):
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_clip_mode_training_step_reads_nothing_on_the_host(amp, chunk_size):
     torch.manual_seed(0)
     model = CFine(CFineConfig(clip=CLIPConfig.tiny((64, 32)), num_classes=10))
-    assert one_step_reads(model, random_caption_ids(8), amp) == []
+    assert one_step_reads(model, random_caption_ids(8), amp, chunk_size) == []
 
 
 def test_the_recorder_sees_the_reads_it_is_meant_to_catch():

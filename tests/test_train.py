@@ -109,6 +109,26 @@ def test_resume_with_a_larger_epochs_extends_the_run_exactly(processed_root, str
     assert [r["epoch"] for r in rows(split)] == [1, 2, 3]
 
 
+def test_a_chunked_run_resumes_bit_exactly_and_trains_like_the_whole_batch_run(processed_root, straight, tmp_path):
+    """Gradient caching (--chunk_size 5: chunks of 5, 5, 5 and 1 per batch of 16) in train.py."""
+    flags = [*RUN_FLAGS[len(TINY_TRAIN_FLAGS):], "--eval_every", "1", "--epochs", "2", "--chunk_size", "5"]
+    chunked, split = tmp_path / "chunked", tmp_path / "split"
+    assert run_train(processed_root, chunked, *flags) == 0
+    assert run_train(processed_root, split, *flags[:-2], "--epochs", "1", "--chunk_size", "5") == 0
+    assert resume(split / "last.pt", "--epochs", "2") == 0  # the chunk size comes from the checkpoint
+    assert_same_run(chunked, split)
+    assert load_checkpoint(split / "last.pt")["args"]["chunk_size"] == 5
+    # The same training signal as the whole-batch run: equal first-epoch losses up to rounding.
+    first, whole = rows(chunked)[0], rows(straight)[0]
+    for key in ("loss", "loss_cmpm", "loss_cmpc", "loss_diversity", "loss_ranking"):
+        assert first[key] == pytest.approx(whole[key], rel=1e-4), key
+
+
+def test_a_chunk_larger_than_the_batch_is_refused_on_resume_too(straight):
+    with pytest.raises(SystemExit, match=r"--chunk_size 17 is larger than the batch \(16 per process\)"):
+        resume(straight / "last.pt", "--epochs", "4", "--chunk_size", "17")
+
+
 def test_sigterm_mid_epoch_saves_and_the_printed_command_reproduces_the_run(processed_root, straight, tmp_path):
     out = tmp_path / "interrupted"
     command = [sys.executable, "train.py", "--data_root", str(processed_root), "--output_dir", str(out), *RUN_FLAGS]

@@ -100,6 +100,12 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
+def unwrap_ddp(step_model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The DDP wrapper inside a step model (it may be torch.compile'd), or None in a single process."""
+    inner = getattr(step_model, "_orig_mod", step_model)  # torch.compile's OptimizedModule keeps the module there
+    return inner if isinstance(inner, nn.parallel.DistributedDataParallel) else None
+
+
 def broadcast_buffers(model: nn.Module) -> None:
     """Copy rank 0's buffers (BN running statistics) to every rank, as DDP does before each training forward.
 

@@ -152,6 +152,10 @@ TRAIN_SETTINGS = (
     Setting("sync_bn", False, bool, group=_DDP,
             help="the BN bottlenecks normalise with the global batch's statistics (with --gather_features: the "
                  "same loss and update as one process on the whole global batch)"),
+    Setting("chunk_size", None, int, minimum=1, role=KEPT,
+            help="gradient caching: encode the batch this many pairs at a time, for the memory of a smaller batch; "
+                 "the losses still see the whole batch, so loss and gradients are unchanged (default: off, the "
+                 "whole batch at once); each chunk is encoded twice, so steps take longer"),
     Setting("amp", "auto", choices=("auto", "bf16", "fp16", "off"),
             help="auto: bf16 on GPUs that support it, fp16 (with a GradScaler) on older GPUs, off on CPU"),
     Setting("compile", "off", choices=COMPILE_BACKENDS, role=KEPT,
@@ -238,6 +242,7 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> arg
             values[key], given[key] = TABLE[key].check(value, f"--{key}"), f"--{key}"
         if not values["resume"]:
             check_new_run(values)
+            check_chunk_size(values, "")
     except SettingError as error:
         parser.error(str(error))
     args = argparse.Namespace(**values)
@@ -266,6 +271,14 @@ def check_new_run(values: dict[str, Any]) -> None:
     patch = patch_size(clip, values["clip_arch"])
     if patch and any(side % patch for side in values["image_size"]):
         raise SettingError(image_size_problem(values["image_size"], patch, clip))
+
+
+def check_chunk_size(values: dict[str, Any], source: str) -> None:
+    """A --chunk_size no larger than the per-process batch (it divides the batch; the last chunk may be smaller)."""
+    chunk, batch = values["chunk_size"], values["batch_size"]
+    if chunk is not None and chunk > batch:
+        raise SettingError(f"{source}--chunk_size {chunk} is larger than the batch ({batch} per process): give a chunk "
+                           f"size from 1 to {batch}, or drop --chunk_size to encode the whole batch at once")
 
 
 def image_size_problem(image_size: list[int], patch: int, clip: str) -> str:
@@ -308,6 +321,7 @@ def apply_checkpoint(args: argparse.Namespace, saved: dict[str, Any], checkpoint
                 f"{given[s.name]} {_shown(mine)} conflicts with the run being resumed ({checkpoint}), which has "
                 f"{s.name} {_shown(value)}{hint}; drop it to continue that run, or start a new run "
                 "(another --output_dir, or --overwrite)")
+    check_chunk_size(vars(args), f"--resume {checkpoint}: ")
 
 
 def _shown(value: Any) -> str:
