@@ -55,7 +55,8 @@ def _inputs(batch: int, args, device):
     eot = torch.randint(8, min(60, args.text_length), (batch,), generator=g)
     text = random_text_tokens(batch, args.text_length, args.width, eot, g)
     pids = torch.randint(0, max(1, batch // 2), (batch,), generator=g)  # some identities appear twice or more
-    move = lambda feats: feats._replace(**{f: getattr(feats, f).to(device) for f in feats._fields})  # noqa: E731
+    move = lambda feats: feats._replace(**{f: getattr(feats, f).to(device)  # noqa: E731
+                                           for f in feats._fields if getattr(feats, f) is not None})
     return move(image), move(text), pids.to(device)
 
 
