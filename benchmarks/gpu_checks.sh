@@ -7,7 +7,7 @@
 # Needs a python with torch + the runtime requirements only (no open_clip). COMPILE=off skips the compiled run.
 # Steps: env, data (synthetic ~100x300 JPEGs), train_eager / train_compile (train.py end to end with the real
 # loader; pairs/s from metrics.jsonl), throughput, precision (fp32/bf16/fp16 loss parts, gradient cosine; CUDA vs
-# CPU fp32), sync (set_sync_debug_mode warnings in two steps), memory (batch 32/64/128), eval (CUHK-PEDES test
+# CPU fp32), sync (set_sync_debug_mode warnings in two steps), memory (batch 32/64/128, whole and --chunk_size 8), eval (CUHK-PEDES test
 # size by phase), checkpoint (save time and size), summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -4,7 +4,7 @@
     python -m benchmarks.gpu_probe throughput --out OUT RUN...    # pairs/s of train.py runs (their metrics.jsonl)
     python -m benchmarks.gpu_probe precision --out OUT            # loss parts, gradient cosine: fp32/bf16/fp16
     python -m benchmarks.gpu_probe sync --out OUT                 # training steps under CUDA's sync debug mode
-    python -m benchmarks.gpu_probe memory --out OUT               # peak memory of a bf16 step at batch 32/64/128
+    python -m benchmarks.gpu_probe memory --out OUT               # peak memory of a bf16 step at batch 32/64/128, whole and chunk 8
     python -m benchmarks.gpu_probe eval --out OUT                 # evaluation time by phase, CUHK-PEDES test size
     python -m benchmarks.gpu_probe checkpoint --out OUT           # train.py's checkpoint write: seconds and MiB
     python -m benchmarks.gpu_probe summary --out OUT              # OUT/*.json -> OUT/summary.json
@@ -32,6 +32,7 @@ from datasets.transforms import to_model_input  # noqa: E402
 from models.cfine import CFine, retrieval_features  # noqa: E402
 from models.config import CFineConfig  # noqa: E402
 from models.optim import build_optimizer  # noqa: E402
+from utils.grad_cache import forward_backward  # noqa: E402
 from utils.metrics import evaluate_retrieval  # noqa: E402
 from utils.training import autocast  # noqa: E402
 
@@ -58,12 +59,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(model, optimizer, images, tokens, pids, amp: str):
-    """train.py's step without the guard: forward under autocast, backward, fused/default Adam."""
-    with autocast(images.device, amp):
-        out = model(images, tokens, pids)
+def train_step(model, optimizer, images, tokens, pids, amp: str, chunk_size: int | None = None):
+    """train.py's step without the guard: forward and backward under autocast (whole, or gradient caching in
+    chunks), fused/default Adam."""
     optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
+    out = forward_backward(model, images, tokens, pids, precision=lambda: autocast(images.device, amp),
+                           scale=lambda loss: loss, chunk_size=chunk_size)
     optimizer.step()
     return out
 
@@ -189,25 +190,27 @@ def cmd_sync(args) -> dict:
 
 
 def cmd_memory(args) -> dict:
-    """Peak allocated memory (GiB) of one bf16 training step at each batch size; 'oom' where it does not fit."""
+    """Peak allocated memory (GiB) of one bf16 training step at each batch size, whole and by gradient caching in
+    chunks of 8 (train.py --chunk_size 8); 'oom' where it does not fit."""
     if args.device == "cpu":
         return {"skipped": "CUDA only"}
     device, model, optimizer = training_setup(args)
-    peaks = {}
+    peaks = {"whole": {}, "chunk_8": {}}
     for size in args.batches:
         batch = batch_of(model, size, device)
-        try:
-            train_step(model, optimizer, *batch, "bf16")  # optimiser state exists after the first size
-            synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            train_step(model, optimizer, *batch, "bf16")
-            synchronize(device)
-            peaks[str(size)] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        except torch.OutOfMemoryError:
-            peaks[str(size)] = "oom"
+        for name, chunk_size in (("whole", None), ("chunk_8", 8)):
+            try:
+                train_step(model, optimizer, *batch, "bf16", chunk_size)  # optimiser state exists after the first
+                synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                train_step(model, optimizer, *batch, "bf16", chunk_size)
+                synchronize(device)
+                peaks[name][str(size)] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            except torch.OutOfMemoryError:
+                peaks[name][str(size)] = "oom"
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
         del batch
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
     return {"arch": args.arch, "amp": "bf16", "peak_gib": peaks}
 
 
