@@ -34,9 +34,10 @@ def forward_backward(step_model: nn.Module, images: torch.Tensor, tokens: torch.
     """The step's CFineOutput, with the gradients of its loss accumulated into the parameters' .grad.
 
     step_model: CFine, or its DDP wrapper, or either compiled; precision(): the autocast context; scale: the
-    GradScaler's scale (identity without fp16). chunk_size None: one forward and backward of the whole batch.
+    GradScaler's scale (identity without fp16). chunk_size None, or not below the batch (a single chunk saves
+    nothing): one forward and backward of the whole batch.
     """
-    if chunk_size is None:
+    if chunk_size is None or chunk_size >= images.shape[0]:
         with precision():
             out = step_model(images, tokens, pids)
         scale(out.loss).backward()

@@ -155,7 +155,8 @@ TRAIN_SETTINGS = (
     Setting("chunk_size", None, int, minimum=1, role=KEPT,
             help="gradient caching: encode the batch this many pairs at a time, for the memory of a smaller batch; "
                  "the losses still see the whole batch, so loss and gradients are unchanged (default: off, the "
-                 "whole batch at once); each chunk is encoded twice, so steps take longer"),
+                 "whole batch at once, as is a chunk size equal to the batch); each chunk is encoded twice, so "
+                 "steps take longer"),
     Setting("amp", "auto", choices=("auto", "bf16", "fp16", "off"),
             help="auto: bf16 on GPUs that support it, fp16 (with a GradScaler) on older GPUs, off on CPU"),
     Setting("compile", "off", choices=COMPILE_BACKENDS, role=KEPT,
