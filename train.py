@@ -328,9 +328,11 @@ def start_output(output_dir: Path, args, model: CFine, data: TrainData, info, de
           f"{data.loader.sampler.batches_per_epoch} steps/epoch, global batch {args.batch_size * info.world_size} "
           f"({args.batch_size} per process x {info.world_size} process(es)); device {device}, amp {amp}; "
           f"evaluating on {data.eval_split}; writing to {output_dir}")
-    if args.chunk_size:
+    if args.chunk_size and args.chunk_size < args.batch_size:
         print(f"gradient caching: encoders run {args.chunk_size} pairs at a time (twice), the head and losses see the "
               f"whole batch of {args.batch_size}: the same step with less memory")
+    elif args.chunk_size:
+        print(f"--chunk_size {args.chunk_size} is the whole batch: the plain step, without gradient caching")
     if data.eval_split == "val_carved":
         print(f"{args.dataset} has no val split: {len(data.held_out_ids)} training ids held out as val (from seed "
               f"{args.seed}, listed in {output_dir / 'held_out_ids.json'}); best.pt is selected on them and the "

@@ -109,11 +109,13 @@ def test_resume_with_a_larger_epochs_extends_the_run_exactly(processed_root, str
     assert [r["epoch"] for r in rows(split)] == [1, 2, 3]
 
 
-def test_a_chunked_run_resumes_bit_exactly_and_trains_like_the_whole_batch_run(processed_root, straight, tmp_path):
+def test_a_chunked_run_resumes_bit_exactly_and_trains_like_the_whole_batch_run(processed_root, straight, tmp_path,
+                                                                              capsys):
     """Gradient caching (--chunk_size 5: chunks of 5, 5, 5 and 1 per batch of 16) in train.py."""
     flags = [*RUN_FLAGS[len(TINY_TRAIN_FLAGS):], "--eval_every", "1", "--epochs", "2", "--chunk_size", "5"]
     chunked, split = tmp_path / "chunked", tmp_path / "split"
     assert run_train(processed_root, chunked, *flags) == 0
+    assert "gradient caching: encoders run 5 pairs at a time (twice)" in capsys.readouterr().out
     assert run_train(processed_root, split, *flags[:-2], "--epochs", "1", "--chunk_size", "5") == 0
     assert resume(split / "last.pt", "--epochs", "2") == 0  # the chunk size comes from the checkpoint
     assert_same_run(chunked, split)
