@@ -324,9 +324,9 @@ def compare_chunked(args: argparse.Namespace) -> None:
         fits_chunked = _largest_batch(lambda b: max(chunk * e_chunk + b * per_token_pair, head_at(b)) <= free)
         beyond = " (beyond the measured sizes: extrapolated)" if max(fits_whole, fits_chunked) > sizes[-1] else ""
         print(f"largest batch (computed) on {gib} GiB: whole {fits_whole}, chunk {chunk} {fits_chunked}{beyond}")
-    print(f"peak memory: unchunked {peak['whole']:.0f} MiB, chunked {peak['chunked']:.0f} MiB "
-          f"({peak['whole'] / peak['chunked']:.1f}x less); pairs/s: unchunked {rate['whole']:.2f}, "
-          f"chunked {rate['chunked']:.2f}")
+    less = f"{peak['whole'] / peak['chunked']:.1f}x less" if peak["chunked"] > 0 else "no growth measured chunked"
+    print(f"peak memory: unchunked {peak['whole']:.0f} MiB, chunked {peak['chunked']:.0f} MiB ({less}); "
+          f"pairs/s: unchunked {rate['whole']:.2f}, chunked {rate['chunked']:.2f}")
 
 
 if __name__ == "__main__":
