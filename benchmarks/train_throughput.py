@@ -14,7 +14,8 @@ subprocess of their own, one after the other, and the run ends with
     peak memory: unchunked X MiB, chunked Y MiB (Z.Zx less); pairs/s: unchunked A, chunked B
 Peak memory is what a training step adds to the memory held between steps (weights, gradients, Adam and
 StepGuard state): on CPU the growth of the peak resident set (VmHWM, reset after the warm-up steps; glibc's
-mmap threshold fixed so freed tensors leave the resident set); on CUDA max_memory_allocated during the steps.
+mmap threshold fixed so freed tensors leave the resident set); on CUDA the growth of max_memory_allocated
+over memory_allocated between steps.
 From the two peaks it computes, assuming memory linear in the batch, each pair's share (encoders: held for
 one chunk at a time when chunked; the rest: held for the whole batch) and the largest batch that fits a GPU.
 """
@@ -180,10 +181,6 @@ def main(args: argparse.Namespace) -> None:
               f"({medians[name]:.3f} s vs {medians[first]:.3f} s, interleaved)")
 
 
-def _proc_status_kib(key: str) -> int:
-    return int(re.search(rf"^{key}:\s+(\d+) kB", open("/proc/self/status").read(), re.M).group(1))
-
-
 class PeakMemory:
     """Peak memory above a baseline: CUDA max_memory_allocated; CPU the peak resident set (VmHWM, reset by
     writing 5 to /proc/self/clear_refs)."""
@@ -291,9 +288,8 @@ def compare_chunked(args: argparse.Namespace) -> None:
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     whole, chunked, head = results["whole"], results["chunked"], results["head"]
     cuda, mib, batch, chunk = whole["device"].startswith("cuda"), 2**20, args.batch, args.chunk_size
-    # CUDA: max_memory_allocated (state included); CPU: what the step added to the resident set.
-    peak = {m: (whole_or_chunked["peak_bytes"] - (0 if cuda else whole_or_chunked["held_bytes"])) / mib
-            for m, whole_or_chunked in (("whole", whole), ("chunked", chunked))}
+    # What a step adds to the memory held between steps (CUDA: allocated; CPU: resident).
+    peak = {m: (r["peak_bytes"] - r["held_bytes"]) / mib for m, r in (("whole", whole), ("chunked", chunked))}
     rate = {m: batch / r["median_s"] for m, r in (("whole", whole), ("chunked", chunked))}
     print(f"arch={args.arch} image={whole['size'][0]}x{whole['size'][1]} text_encoder={args.text_encoder[0]} "
           f"batch={batch} chunk_size={chunk} amp={whole['amp']} device={whole['device']} threads={whole['threads']} "
@@ -308,10 +304,9 @@ def compare_chunked(args: argparse.Namespace) -> None:
     c, a, q = np.linalg.lstsq(np.array([[1.0, b, b * b] for b in sizes]), np.array(head_mib), rcond=None)[0]
     q = max(q, 0.0)  # a negative B^2 term would be noise
     head_at = lambda b: c + a * b + q * b * b  # noqa: E731
-    growth = {m: (r["peak_bytes"] - r["held_bytes"]) / mib for m, r in (("whole", whole), ("chunked", chunked))}
     per_token_pair = 2 * head["token_bytes_per_pair"] / mib  # the cached tokens and their gradients
-    e = (growth["whole"] - head_at(batch)) / batch
-    e_chunk = (growth["chunked"] - batch * per_token_pair) / chunk
+    e = (peak["whole"] - head_at(batch)) / batch
+    e_chunk = (peak["chunked"] - batch * per_token_pair) / chunk
     state = whole["held_bytes"] / mib if cuda else whole["trainable_params"] * STATE_BYTES_PER_PARAM / mib
     how = "measured" if cuda else f"{STATE_BYTES_PER_PARAM} bytes x {whole['trainable_params']:,} trainable parameters"
     print("whole-batch phase alone (measured): " + ", ".join(f"batch {b}: {m:.0f} MiB" for b, m in zip(sizes, head_mib))

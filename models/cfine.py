@@ -94,7 +94,8 @@ class CFine(nn.Module):
             return bert_token_features(self.bert, ids)
         return self.clip.encode_text_tokens(ids)
 
-    def forward(self, images, tokens, pids: torch.Tensor | None = None,
+    def forward(self, images: torch.Tensor | TokenFeatures, tokens: torch.Tensor | TokenFeatures,
+                pids: torch.Tensor | None = None,
                 stage: str = "all") -> CFineOutput | tuple[TokenFeatures, TokenFeatures]:
         """Features (B, 3, D) per modality; in training mode with pids also the total loss and its parts.
 

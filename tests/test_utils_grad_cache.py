@@ -179,9 +179,7 @@ def test_fp16_chunked_step_with_a_gradient_scaler_is_as_close_to_fp32_as_the_who
     model = clip_model()
     data = batch(model)
     chunked, whole = fp16_step(model, data, 4), fp16_step(model, data)
-    assert_as_close_to_fp32(chunked, whole, step(model, data))
-    # The scale reached every gradient exactly once: before unscale_ they were 16 times the unscaled ones.
-    assert max(relative_errors({n: g / 16 for n, g in chunked[2].items()}, chunked[1]).values()) == 0
+    assert_as_close_to_fp32(chunked, whole, step(model, data))  # a scale applied twice would be 16x off
 
 
 def test_a_gradient_scaler_scales_every_gradient_once_in_fp32():

@@ -9,8 +9,9 @@ it: with `chunk_size` the step
       the head's parameters get their gradients, the cached tokens theirs;
   (c) encodes each chunk again, now with autograd, and backpropagates its cached token gradients into the
       encoders' weights.
-The loss and every gradient are those of the whole-batch step; the encoders' activations exist for one chunk at
-a time (the price: each chunk is encoded twice). The attention rows only rank tokens for the selection (no
+The loss and every gradient are those of the whole-batch step (in bert mode with dropout: under the masks the
+chunks draw, which are not the whole batch's); the encoders' activations exist for one chunk at a time (the
+price: each chunk is encoded twice). The attention rows only rank tokens for the selection (no
 gradient flows through a sort), so (c) needs the tokens' gradients alone. Dropout (BERT) draws the same masks in
 (a) and (c): each chunk is re-encoded from the RNG state it first started from.
 """
@@ -82,7 +83,9 @@ def _cached_forward_backward(step_model, images, tokens, pids, precision, scale,
                 outputs.append(head_touch())
                 gradients.append(None)
             torch.autograd.backward(outputs, gradients)
-    _set_rng_state(after, images.device)  # the RNG goes on as if each chunk had been encoded once
+    # The RNG goes on as if each chunk had been encoded once. Re-encoding the last chunk already leaves it there
+    # today; this keeps it so should the head ever draw random numbers.
+    _set_rng_state(after, images.device)
     return out
 
 

@@ -154,7 +154,8 @@ TRAIN_SETTINGS = (
                  "same loss and update as one process on the whole global batch)"),
     Setting("chunk_size", None, int, minimum=1, role=KEPT,
             help="gradient caching: encode the batch this many pairs at a time, for the memory of a smaller batch; "
-                 "the losses still see the whole batch, so loss and gradients are unchanged (default: off, the "
+                 "the losses still see the whole batch, so loss and gradients are unchanged (bert mode: other "
+                 "dropout masks) (default: off, the "
                  "whole batch at once, as is a chunk size equal to the batch); each chunk is encoded twice, so "
                  "steps take longer"),
     Setting("amp", "auto", choices=("auto", "bf16", "fp16", "off"),
