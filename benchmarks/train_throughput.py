@@ -16,8 +16,9 @@ Peak memory is what a training step adds to the memory held between steps (weigh
 StepGuard state): on CPU the growth of the peak resident set (VmHWM, reset after the warm-up steps; glibc's
 mmap threshold fixed so freed tensors leave the resident set); on CUDA the growth of max_memory_allocated
 over memory_allocated between steps.
-From the two peaks it computes, assuming memory linear in the batch, each pair's share (encoders: held for
-one chunk at a time when chunked; the rest: held for the whole batch) and the largest batch that fits a GPU.
+A third subprocess measures the chunked step's whole-batch phase alone (cached tokens, head, losses, backward)
+at 1, 4, 16 and 64 times the batch and fits it with a B^2 term (the B x B similarities). From these peaks it
+computes each pair's encoder memory and the largest batch that fits a GPU, whole and chunked.
 """
 from __future__ import annotations
 
@@ -182,8 +183,8 @@ def main(args: argparse.Namespace) -> None:
 
 
 class PeakMemory:
-    """Peak memory above a baseline: CUDA max_memory_allocated; CPU the peak resident set (VmHWM, reset by
-    writing 5 to /proc/self/clear_refs)."""
+    """Peak memory since reset(), which returns the baseline: CUDA max_memory_allocated; CPU the peak resident
+    set (VmHWM, reset by writing 5 to /proc/self/clear_refs)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"

@@ -74,7 +74,6 @@ def assert_same_step(chunked, whole, tolerance=1e-5):
     worst = max(errors, key=errors.get)
     assert loss_error <= tolerance, f"loss: {loss_error:.2e}"
     assert errors[worst] <= tolerance, f"{worst}: {errors[worst]:.2e}"
-    return loss_error, errors[worst]
 
 
 # ---------------------------------------------------------------- exactness in fp32
@@ -165,14 +164,19 @@ def test_bf16_chunked_step_is_as_close_to_fp32_as_the_whole_bf16_step():
     assert_as_close_to_fp32(step(model, data, chunk_size=4, amp="bf16"), step(model, data, amp="bf16"), step(model, data))
 
 
+def unscaled_gradients(model: CFine, scaler: torch.amp.GradScaler) -> dict[str, torch.Tensor]:
+    """The gradients after scaler.unscale_, as scaler.step sees them."""
+    scaler.unscale_(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0))
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def fp16_step(model, data, chunk_size=None):
     """An fp16 autocast step scaled by a GradScaler (16: the largest power of 2 that does not overflow this tiny
-    model's fp16 gradients), then unscaled as scaler.step does."""
+    model's fp16 gradients), then unscaled as scaler.step does: the loss and the unscaled gradients."""
     scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
     loss, scaled, _ = step(model, data, chunk_size, amp="fp16", scale=scaler.scale)
-    scaler.unscale_(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0))
     assert all(torch.isfinite(g).all() for g in scaled.values())
-    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, scaled
+    return loss, unscaled_gradients(model, scaler)
 
 
 def test_fp16_chunked_step_with_a_gradient_scaler_is_as_close_to_fp32_as_the_whole_fp16_step():
@@ -187,9 +191,8 @@ def test_a_gradient_scaler_scales_every_gradient_once_in_fp32():
     data = batch(model)
     whole = step(model, data)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    scaled = step(model, data, chunk_size=4, scale=scaler.scale)
-    scaler.unscale_(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0))
-    assert_same_step((scaled[0], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}), whole)
+    loss = step(model, data, chunk_size=4, scale=scaler.scale)[0]
+    assert_same_step((loss, unscaled_gradients(model, scaler)), whole)
 
 
 def test_compiled_chunked_step_equals_eager():

@@ -155,9 +155,8 @@ TRAIN_SETTINGS = (
     Setting("chunk_size", None, int, minimum=1, role=KEPT,
             help="gradient caching: encode the batch this many pairs at a time, for the memory of a smaller batch; "
                  "the losses still see the whole batch, so loss and gradients are unchanged (bert mode: other "
-                 "dropout masks) (default: off, the "
-                 "whole batch at once, as is a chunk size equal to the batch); each chunk is encoded twice, so "
-                 "steps take longer"),
+                 "dropout masks); each chunk is encoded twice, so steps take longer (default: off, the whole batch "
+                 "at once, as is a chunk size equal to the batch)"),
     Setting("amp", "auto", choices=("auto", "bf16", "fp16", "off"),
             help="auto: bf16 on GPUs that support it, fp16 (with a GradScaler) on older GPUs, off on CPU"),
     Setting("compile", "off", choices=COMPILE_BACKENDS, role=KEPT,
