@@ -1,4 +1,4 @@
-"""Evaluate a CFine checkpoint: text-to-image and image-to-text R@1/5/10, mAP and mINP (spec §7).
+"""Evaluate a CFine checkpoint: text-to-image and image-to-text R@1/5/10, mAP and mINP (docs/method.md §7).
 
     python test.py --checkpoint runs/cuhk/best.pt [--split test] [--visualize 8] [--plot]
     torchrun --standalone --nproc_per_node 4 test.py --checkpoint runs/cuhk/best.pt

@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_model(args: argparse.Namespace, num_classes: int) -> CFine:
     """CFine with pretrained CLIP weights (--clip NAME|PATH) or random ones (--clip none); in bert mode the
-    image tower alone (unprojected) and BERT from --bert (spec §9)."""
+    image tower alone (unprojected) and BERT from --bert (docs/method.md §9)."""
     image_size = tuple(args.image_size)
     pretrained = None
     if args.clip.lower() == "none":
@@ -78,7 +78,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> CFine:
         clip_config = clip_config.vision_only()
         if text["bert"].get("hidden_size") != clip_config.vision.width:
             raise SystemExit(f"--bert {args.bert}: hidden size {text['bert'].get('hidden_size')} differs from the image "
-                             f"tokens' width {clip_config.vision.width}; spec §9 pairs BERT-base (768) with ViT-B/16 (768)")
+                             f"tokens' width {clip_config.vision.width}; docs/method.md §9 pairs BERT-base (768) with ViT-B/16 (768)")
     model = CFine(CFineConfig(
         clip=clip_config, num_classes=num_classes, cmpm_weights=tuple(args.cmpm_weights),
         cmpc_weights=tuple(args.cmpc_weights), diversity_weight=args.diversity_weight,
@@ -408,7 +408,7 @@ def epoch_row(epoch: int, stats: dict, optimizer, guard: StepGuard, started: flo
 
 
 def evaluate(model: CFine, data: TrainData, args, device, amp: str, progress: bool) -> dict:
-    """Retrieval metrics on the evaluation split (spec §7), sharded over the processes."""
+    """Retrieval metrics on the evaluation split (docs/method.md §7), sharded over the processes."""
     return score_split(encode_split(model, data.eval_data, device, amp, args.eval_batch_size, progress, args.compile))
 
 

@@ -5,7 +5,7 @@ on a synthetic batch with random weights, on whatever device is present.
     python benchmarks/train_throughput.py                                          # CPU default: small config
     python benchmarks/train_throughput.py --arch vit_b16 --batch 8 --steps 3 --warmup 1 --text_encoder clip bert
 With several --text_encoder values each is measured in the same run and compared with the first
-(bert: a random BERT-base, 100 tokens, unprojected 768-d image tokens: the authors' release, spec §9).
+(bert: a random BERT-base, 100 tokens, unprojected 768-d image tokens: the authors' release, docs/method.md §9).
 Reference point: the authors' log shows about 71 pairs/s (batch 32, fp32, one RTX 3090).
 
     python benchmarks/train_throughput.py --arch vit_b16 --batch 32 --chunk_size 8 --steps 2 --warmup 2 --amp off

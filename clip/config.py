@@ -42,7 +42,7 @@ class CLIPConfig:
     """A CLIP ViT: both towers and the width D of the joint embedding space.
 
     text=None and embed_dim=None give the image tower alone with unprojected tokens (ln_post output, the vision
-    width): CFine's `bert` mode, where the authors delete the visual projection (spec §9).
+    width): CFine's `bert` mode, where the authors delete the visual projection (docs/method.md §9).
     """
 
     embed_dim: int | None = 512
@@ -55,7 +55,7 @@ class CLIPConfig:
         return self.vision.width if self.embed_dim is None else self.embed_dim
 
     def vision_only(self) -> "CLIPConfig":
-        """The same image tower without the text tower and without the visual projection (spec §9)."""
+        """The same image tower without the text tower and without the visual projection (docs/method.md §9)."""
         return CLIPConfig(embed_dim=None, vision=self.vision, text=None)
 
     def to_dict(self) -> dict:

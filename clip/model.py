@@ -35,7 +35,7 @@ class VisionTransformer(nn.Module):
         self.ln_pre = nn.LayerNorm(width)
         self.transformer = Transformer(width, config.layers, config.heads)
         self.ln_post = nn.LayerNorm(width)
-        # embed_dim None: no projection at all (CFine's bert mode uses the 768-d ln_post tokens, spec §9).
+        # embed_dim None: no projection at all (CFine's bert mode uses the 768-d ln_post tokens, docs/method.md §9).
         self.proj = None if embed_dim is None else nn.Parameter(scale * torch.randn(width, embed_dim))
         self.transformer.init_weights()
 

@@ -1,4 +1,4 @@
-"""CFine modules and objectives (spec §2-7)."""
+"""CFine modules and objectives (docs/method.md §2-7)."""
 from .cfine import CFine, retrieval_features
 from .config import CFineConfig
 from .head import CFineHead, CFineOutput

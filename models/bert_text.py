@@ -1,9 +1,9 @@
-"""The authors' text encoder (spec §9): BERT-base through Hugging Face `transformers`, an optional dependency.
+"""The authors' text encoder (docs/method.md §9): BERT-base through Hugging Face `transformers`, an optional dependency.
 
 Only CFine's `bert` mode imports this module. The model is `transformers.BertModel` without its pooler (CFine
 reads the last hidden state, not the pooled output) and with the eager attention implementation, the only
 one that returns attention probabilities; those are taken after attention dropout, as the authors' vendored
-BERT returned them, so in training the [CLS] row that selects MGF's words is stochastic (spec §9).
+BERT returned them, so in training the [CLS] row that selects MGF's words is stochastic (docs/method.md §9).
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def architecture(config: dict) -> dict:
 
 
 def bert_token_features(bert: nn.Module, ids: torch.Tensor) -> TokenFeatures:
-    """Spec §9 text path: last hidden state (B, L, 768); [CLS] (position 0) row of the last layer's attention
+    """docs/method.md §9 text path: last hidden state (B, L, 768); [CLS] (position 0) row of the last layer's attention
     probabilities after dropout, averaged over heads (B, L); global index 0; padding where the id is 0."""
     padding = ids == 0
     output = bert(input_ids=ids, attention_mask=(~padding).long(), token_type_ids=torch.zeros_like(ids),

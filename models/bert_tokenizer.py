@@ -1,4 +1,4 @@
-"""The authors' caption tokenisation for BERT (spec §9), on `transformers`' WordPiece tokenizer.
+"""The authors' caption tokenisation for BERT (docs/method.md §9), on `transformers`' WordPiece tokenizer.
 
 Rule: the string "[CLS] " + caption + " [SEP]" is tokenised (the special tokens stay whole), converted to ids,
 cut to the first `max_length` ids after [SEP] was added (so a long caption loses its [SEP], a faithful
@@ -19,7 +19,7 @@ from .bert_text import import_transformers
 
 
 def authors_string(caption: str) -> str:
-    """Spec §9: the caption with its special tokens written out, as the authors tokenised it."""
+    """docs/method.md §9: the caption with its special tokens written out, as the authors tokenised it."""
     return "[CLS] " + caption + " [SEP]"
 
 
@@ -68,5 +68,5 @@ def _tokenizer_for(vocab_file: str, lower_case: bool, max_length: int) -> BertCa
 
 def bert_tokenize(captions: Sequence[str], vocab_file: str | os.PathLike, max_length: int = 100,
                   lower_case: bool = True) -> torch.Tensor:
-    """Spec §9 tokenisation of captions with a BERT vocab.txt: LongTensor (N, max_length), zero-padded."""
+    """docs/method.md §9 tokenisation of captions with a BERT vocab.txt: LongTensor (N, max_length), zero-padded."""
     return _tokenizer_for(str(vocab_file), lower_case, max_length)(captions)

@@ -1,4 +1,4 @@
-"""BN bottleneck of spec §2: one BatchNorm1d per modality, bias frozen at 0, shared by its three features."""
+"""BN bottleneck of docs/method.md §2: one BatchNorm1d per modality, bias frozen at 0, shared by its three features."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +6,7 @@ from torch import nn
 
 
 def make_bottleneck(width: int) -> nn.BatchNorm1d:
-    """BatchNorm1d(D) with weight 1 and a frozen zero bias (spec §2)."""
+    """BatchNorm1d(D) with weight 1 and a frozen zero bias (docs/method.md §2)."""
     bn = nn.BatchNorm1d(width)
     nn.init.ones_(bn.weight)
     nn.init.zeros_(bn.bias)

@@ -1,4 +1,4 @@
-"""CFine: image and text encoders plus the CFine head (spec §1-5, §9), and the retrieval feature (spec §7).
+"""CFine: image and text encoders plus the CFine head (docs/method.md §1-5, §9), and the retrieval feature (docs/method.md §7).
 
 Two text encoders: 'clip' (CLIP's own text tower, tokens projected to D = 512; the project's default) and
 'bert' (the authors' release: BERT-base, D = 768, image tokens without CLIP's visual projection).
@@ -17,7 +17,7 @@ from .tokenization import CaptionTokenizer, caption_tokenizer, warn_if_truncated
 
 
 def retrieval_features(features: torch.Tensor, mode: str = "concat") -> torch.Tensor:
-    """Spec §7: L2-normalised [global, lg1, lg2] concatenation (B, 3D), or the global feature alone (B, D)."""
+    """docs/method.md §7: L2-normalised [global, lg1, lg2] concatenation (B, 3D), or the global feature alone (B, D)."""
     if mode == "concat":
         return F.normalize(features.flatten(1), dim=-1)
     if mode == "global":
@@ -113,9 +113,9 @@ class CFine(nn.Module):
         return self.head(*encoded, pids)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Gallery side of spec §7: [BN(global), BN(lg1), BN(lg2)] image features, (B, 3, D)."""
+        """Gallery side of docs/method.md §7: [BN(global), BN(lg1), BN(lg2)] image features, (B, 3, D)."""
         return self.head.image_features(self.encode_image_tokens(images))
 
     def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Query side of spec §7: [BN(global), BN(lg1), BN(lg2)] text features, (B, 3, D)."""
+        """Query side of docs/method.md §7: [BN(global), BN(lg1), BN(lg2)] text features, (B, 3, D)."""
         return self.head.text_features(self.encode_text_tokens(tokens))

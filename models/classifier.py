@@ -1,4 +1,4 @@
-"""The CMPC identity classifier W (spec §5): D x num_classes, Xavier-uniform, column-normalised when used."""
+"""The CMPC identity classifier W (docs/method.md §5): D x num_classes, Xavier-uniform, column-normalised when used."""
 from __future__ import annotations
 
 import torch

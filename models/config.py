@@ -1,4 +1,4 @@
-"""One config object for CFine: the CLIP backbone shape plus every ratio, temperature and loss weight (spec §2-5)."""
+"""One config object for CFine: the CLIP backbone shape plus every ratio, temperature and loss weight (docs/method.md §2-5)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
@@ -8,15 +8,15 @@ from clip.model import CLIPConfig
 
 @dataclass
 class CFineConfig:
-    """CFine hyper-parameters; the defaults are the spec's (the authors' CUHK-PEDES run)."""
+    """CFine hyper-parameters; the defaults are the authors' CUHK-PEDES run (docs/method.md §6)."""
 
     clip: CLIPConfig = field(default_factory=CLIPConfig.vit_b16)
     # 'clip': CLIP's text tower, tokens projected to D = clip.embed_dim (the project's default);
-    # 'bert': the authors' release (spec §9): BERT-base text, clip is image-only and unprojected, D = 768.
+    # 'bert': the authors' release (docs/method.md §9): BERT-base text, clip is image-only and unprojected, D = 768.
     text_encoder: str = "clip"
     bert: dict | None = None  # bert mode: the Hugging Face BertConfig as a dict (architecture only, no weights)
     bert_lower_case: bool = True  # bert mode: WordPiece lower-cases (bert-base-uncased)
-    bert_max_length: int = 100  # bert mode: ids per caption, [CLS] and [SEP] included (spec §9)
+    bert_max_length: int = 100  # bert mode: ids per caption, [CLS] and [SEP] included (docs/method.md §9)
     num_classes: int = 11003  # training identities (CUHK-PEDES); set from the dataset
     image_ratio: float = 0.1  # k_img = int(N_img * image_ratio)
     text_ratio: float = 0.2  # k_txt = int(L * text_ratio)
@@ -44,7 +44,7 @@ class CFineConfig:
                 raise ValueError("text_encoder 'bert' uses the image tower alone, unprojected: clip=config.vision_only()")
             if self.bert.get("hidden_size") != self.clip.vision.width:
                 raise ValueError(f"BERT's hidden size {self.bert.get('hidden_size')} must equal the image tokens' "
-                                 f"width {self.clip.vision.width} (spec §9: both 768)")
+                                 f"width {self.clip.vision.width} (docs/method.md §9: both 768)")
 
     @property
     def width(self) -> int:

@@ -1,4 +1,4 @@
-"""CFine's head on encoder tokens: MGF + BN always; CFR, FCD and the weighted losses in training (spec §2-5)."""
+"""CFine's head on encoder tokens: MGF + BN always; CFR, FCD and the weighted losses in training (docs/method.md §2-5)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -63,7 +63,7 @@ class CFineHead(nn.Module):
         tokens = feats.tokens
         batch, length, _ = tokens.shape
         if is_text:
-            # CLIP: SOT (0) and EOT excluded; BERT: [CLS] (0) excluded, [SEP] and [PAD] stay candidates (§9).
+            # CLIP: SOT (0) and EOT excluded; BERT: [CLS] (0) excluded, [SEP] and [PAD] stay candidates (docs/method.md §9).
             candidates = text_candidates(feats.global_index, length)
             padding = feats.padding_mask
             if padding is None:
@@ -81,15 +81,15 @@ class CFineHead(nn.Module):
         return Branch(features, global_token, selection)
 
     def image_features(self, image: TokenFeatures) -> torch.Tensor:
-        """Spec §2 image features [BN(global), BN(lg1), BN(lg2)], (B, 3, D)."""
+        """docs/method.md §2 image features [BN(global), BN(lg1), BN(lg2)], (B, 3, D)."""
         return self._branch(image, self.image_bn, is_text=False).features
 
     def text_features(self, text: TokenFeatures) -> torch.Tensor:
-        """Spec §2 text features [BN(EOT), BN(lg1), BN(lg2)], (B, 3, D)."""
+        """docs/method.md §2 text features [BN(EOT), BN(lg1), BN(lg2)], (B, 3, D)."""
         return self._branch(text, self.text_bn, is_text=True).features
 
     def similarity(self, image: Branch, text: Branch) -> torch.Tensor:
-        """Spec §3-4 training similarity S = sim_cs + sim_cd on raw tokens, (B, B) images x texts."""
+        """docs/method.md §3-4 training similarity S = sim_cs + sim_cd on raw tokens, (B, B) images x texts."""
         config = self.config
         cross = cross_grained_similarity(
             image.global_token, image.selection.selected, text.global_token, text.selection.selected, config.tau_cs
@@ -100,7 +100,7 @@ class CFineHead(nn.Module):
         return cross + fine
 
     def losses(self, image: Branch, text: Branch, pids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Spec §5 weighted parts (default weights: CMPM 1, 1, 0.1; CMPC 1, 1, 1; diversity 0.2; ranking 10).
+        """docs/method.md §5 weighted parts (default weights: CMPM 1, 1, 0.1; CMPC 1, 1, 1; diversity 0.2; ranking 10).
 
         With gather_features, CMPM and ranking use the global batch of all ranks; CMPC and diversity are
         per-sample means and stay local (DDP's gradient average makes them global-batch means; models/gather.py).

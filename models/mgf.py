@@ -1,7 +1,7 @@
-"""MGF's shared residual cross-attention block (spec §2): a global token attends to its group, then to all tokens.
+"""MGF's shared residual cross-attention block (docs/method.md §2): a global token attends to its group, then to all tokens.
 
 MGF reads only the block's first output position (the local-global feature). Cross-attention and the MLP act
-on each position alone, so only the first position is carried past self-attention: the result is the spec's
+on each position alone, so only the first position is carried past self-attention: the result is the method's
 x[:, 0], at a fraction of the cost. With a handful of queries, the key and value projections are folded into
 the queries instead of being applied to every one of the N memory tokens (N x D x D work per sample).
 """
@@ -81,7 +81,7 @@ class ResidualCrossAttentionBlock(nn.Module):
 
 
 def mgf_heads(width: int) -> int:
-    """Spec §2: one attention head per 64 channels (at least one, for tiny test models)."""
+    """docs/method.md §2: one attention head per 64 channels (at least one, for tiny test models)."""
     return max(1, width // 64)
 
 
@@ -92,6 +92,6 @@ def local_global_features(
     tokens: torch.Tensor,
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Spec §2 MGF: block([global ; group], all tokens)[:, 0] for each group, stacked to (B, n_groups, D)."""
+    """docs/method.md §2 MGF: block([global ; group], all tokens)[:, 0] for each group, stacked to (B, n_groups, D)."""
     queries = torch.stack([torch.cat([global_token.unsqueeze(1), group], dim=1) for group in groups], dim=1)
     return block(queries, tokens, key_padding_mask)

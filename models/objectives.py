@@ -1,4 +1,4 @@
-"""CFine's training objectives (spec §5), one pure function per loss; all computed in fp32."""
+"""CFine's training objectives (docs/method.md §5), one pure function per loss; all computed in fp32."""
 from __future__ import annotations
 
 import torch
@@ -22,7 +22,7 @@ def _projection_matching(logits: torch.Tensor, log_target: torch.Tensor) -> torc
 
 @in_fp32
 def cmpm_loss(img: torch.Tensor, txt: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
-    """Spec §5 CMPM: KL(p || q) both ways, p = softmax_j(x_i . normalise(y_j)), q = Y / sqrt(row sum of Y)."""
+    """docs/method.md §5 CMPM: KL(p || q) both ways, p = softmax_j(x_i . normalise(y_j)), q = Y / sqrt(row sum of Y)."""
     identity = _identity_mask(pids)
     # Faithful quirk: the mask is divided by its L2 norm (sqrt of the count), so q is not a distribution.
     log_target = torch.log(identity / identity.sum(dim=1, keepdim=True).sqrt() + CMPM_EPSILON)
@@ -33,7 +33,7 @@ def cmpm_loss(img: torch.Tensor, txt: torch.Tensor, pids: torch.Tensor) -> torch
 
 @in_fp32
 def cmpc_loss(img: torch.Tensor, txt: torch.Tensor, pids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Spec §5 CMPC: cross-entropy of ((x . t) t) @ W (unit columns), t the other modality's unit vector, both ways.
+    """docs/method.md §5 CMPC: cross-entropy of ((x . t) t) @ W (unit columns), t the other modality's unit vector, both ways.
 
     img, txt (B, D) give the scalar loss; (B, n, D) give the n per-feature losses in one pass over W.
     """
@@ -52,7 +52,7 @@ def cmpc_loss(img: torch.Tensor, txt: torch.Tensor, pids: torch.Tensor, weight: 
 
 @in_fp32
 def diversity_loss(parts: torch.Tensor) -> torch.Tensor:
-    """Spec §5 diversity: mean_b ||X_b X_b^T - diag||_F / n^2 for the n unit part features X_b (B, n, D)."""
+    """docs/method.md §5 diversity: mean_b ||X_b X_b^T - diag||_F / n^2 for the n unit part features X_b (B, n, D)."""
     unit = F.normalize(parts, dim=-1)
     gram = unit @ unit.transpose(1, 2)
     off_diagonal = gram - torch.diag_embed(gram.diagonal(dim1=1, dim2=2))
@@ -78,7 +78,7 @@ def _ranking_one_way(similarity: torch.Tensor, pids: torch.Tensor, margin: float
 
 @in_fp32
 def ranking_loss(similarity: torch.Tensor, pids: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
-    """Spec §5 ranking: sum of relu(margin - S_ii + max_neg S_ij) over anchors whose hardest negative beats S_ii.
+    """docs/method.md §5 ranking: sum of relu(margin - S_ii + max_neg S_ij) over anchors whose hardest negative beats S_ii.
 
     Rows (image anchors) and columns (text anchors) both count; triplets are mined on the device, no NumPy.
     A batch with no negatives at all (one identity) has no triplet: the loss is 0 (the authors' code fails there).

@@ -1,4 +1,4 @@
-"""Optimiser and per-epoch schedule of the authors' run (spec §6)."""
+"""Optimiser and per-epoch schedule of the authors' run (docs/method.md §6)."""
 from __future__ import annotations
 
 import functools
@@ -10,7 +10,7 @@ from torch import nn
 def parameter_groups(
     model: nn.Module, *, lr_head: float = 1e-4, lr_image: float = 1e-5, lr_text: float = 1e-5, wd_image: float = 4e-5
 ) -> list[dict]:
-    """Spec §6 groups: head (new modules, BN, W), image encoder (clip.visual), text encoder (the rest of clip, or bert)."""
+    """docs/method.md §6 groups: head (new modules, BN, W), image encoder (clip.visual), text encoder (the rest of clip, or bert)."""
     groups = {
         "head": {"name": "head", "params": [], "lr": lr_head, "weight_decay": 0.0},
         "image_encoder": {"name": "image_encoder", "params": [], "lr": lr_image, "weight_decay": wd_image},
@@ -35,7 +35,7 @@ def epoch_lr_factor(
     milestones: tuple[int, ...] = (20, 25, 35),
     gamma: float = 0.1,
 ) -> float:
-    """Spec §6: linear warm-up from warmup_start over warmup_epochs, then x gamma at each milestone <= epoch."""
+    """docs/method.md §6: linear warm-up from warmup_start over warmup_epochs, then x gamma at each milestone <= epoch."""
     if epoch < warmup_epochs:
         alpha = epoch / warmup_epochs
         warm = warmup_start * (1 - alpha) + alpha
@@ -57,7 +57,7 @@ def build_optimizer(
     gamma: float = 0.1,
     fused: bool | None = None,
 ) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
-    """Spec §6 Adam (0.9, 0.999, eps 1e-8) and a LambdaLR to be stepped once per epoch.
+    """docs/method.md §6 Adam (0.9, 0.999, eps 1e-8) and a LambdaLR to be stepped once per epoch.
 
     fused=None picks the fused implementation when every parameter is a CUDA floating tensor (one kernel per
     step, its step counters on the device: no host read of them), torch's default otherwise (foreach on CUDA,

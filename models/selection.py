@@ -1,4 +1,4 @@
-"""Token selection of MGF (spec §2): candidates ranked by the global token's attention, top 2k split in two groups."""
+"""Token selection of MGF (docs/method.md §2): candidates ranked by the global token's attention, top 2k split in two groups."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -15,12 +15,12 @@ class Selection(NamedTuple):
 
 
 def image_candidates(batch: int, num_tokens: int, device=None) -> torch.Tensor:
-    """Spec §2 image candidates: every token but the class token at index 0, (B, N) bool."""
+    """docs/method.md §2 image candidates: every token but the class token at index 0, (B, N) bool."""
     return (torch.arange(num_tokens, device=device) != 0).expand(batch, num_tokens)
 
 
 def text_candidates(global_index: torch.Tensor, length: int) -> torch.Tensor:
-    """Spec §2 CLIP-text candidates: every position but SOT (0) and the EOT global token; pads stay in, (B, L) bool."""
+    """docs/method.md §2 CLIP-text candidates: every position but SOT (0) and the EOT global token; pads stay in, (B, L) bool."""
     positions = torch.arange(length, device=global_index.device).unsqueeze(0)
     return (positions != 0) & (positions != global_index.unsqueeze(1))
 
@@ -44,6 +44,6 @@ def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def select_tokens(tokens: torch.Tensor, scores: torch.Tensor, k: int, candidate_mask: torch.Tensor) -> Selection:
-    """Spec §2 top-k selection: group 1 = ranks 1..k, group 2 = ranks k+1..2k, selected = ranks 1..2k."""
+    """docs/method.md §2 top-k selection: group 1 = ranks 1..k, group 2 = ranks k+1..2k, selected = ranks 1..2k."""
     selected = gather_tokens(tokens, selection_indices(scores, k, candidate_mask))
     return Selection(selected[:, :k], selected[:, k:], selected)

@@ -1,4 +1,4 @@
-"""Batch-by-batch similarities of CFR (spec §3) and FCD (spec §4), as matrix products over the batch."""
+"""Batch-by-batch similarities of CFR (docs/method.md §3) and FCD (docs/method.md §4), as matrix products over the batch."""
 from __future__ import annotations
 
 import torch
@@ -20,7 +20,7 @@ def cross_grained_similarity(
     txt_selected: torch.Tensor,
     tau: float = 0.07,
 ) -> torch.Tensor:
-    """Spec §3 CFR: sim_cs = (image-word + patch-text) / 2, (B, B) with rows images and columns texts."""
+    """docs/method.md §3 CFR: sim_cs = (image-word + patch-text) / 2, (B, B) with rows images and columns texts."""
     img_global, img_selected = F.normalize(img_global, dim=-1), F.normalize(img_selected, dim=-1)
     txt_global, txt_selected = F.normalize(txt_global, dim=-1), F.normalize(txt_selected, dim=-1)
     image_word = torch.einsum("id,jwd->ijw", img_global, txt_selected) / tau  # (B, B, 2k_txt)
@@ -44,7 +44,7 @@ def fine_grained_similarity(
     k_patch: int = 3,
     tau: float = 0.01,
 ) -> torch.Tensor:
-    """Spec §4 FCD: sim_cd = (patch-to-positive-word + positive-patch-to-word) / 2, (B, B).
+    """docs/method.md §4 FCD: sim_cd = (patch-to-positive-word + positive-patch-to-word) / 2, (B, B).
 
     k_word / k_patch are capped at the number of words / patches (only tiny test models have fewer than 3).
     """

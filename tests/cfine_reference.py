@@ -1,4 +1,4 @@
-"""A plain, loop-based reference of CFine spec §2-5, written from the spec alone (no import from models/).
+"""A plain, loop-based reference of CFine docs/method.md §2-5, written from docs/method.md alone (no import from models/).
 
 It loops over samples and tokens the way the authors' release does (per-sample Python loops, B x B x n x D
 repeats for the similarities, triplets mined on the CPU) and is the yardstick for the vectorised code: tests
@@ -65,7 +65,7 @@ def attention(x: torch.Tensor, memory: torch.Tensor, mha, ignored: set[int]) -> 
 
 
 def block(x: torch.Tensor, memory: torch.Tensor, mgf, ignored: set[int]) -> torch.Tensor:
-    """Spec §2 residual cross-attention block for one sample: x (1+k, D), memory (N, D)."""
+    """docs/method.md §2 residual cross-attention block for one sample: x (1+k, D), memory (N, D)."""
     x = x + attention(layer_norm(x, mgf.ln_0), layer_norm(x, mgf.ln_0), mgf.self_attn, set())
     x = x + attention(layer_norm(x, mgf.ln_1), memory, mgf.cross_attn, ignored)
     hidden = layer_norm(x, mgf.ln_2) @ mgf.mlp.c_fc.weight.T + mgf.mlp.c_fc.bias
@@ -81,7 +81,7 @@ def batch_norm(rows: list[torch.Tensor], bn) -> torch.Tensor:
     return (x - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias
 
 
-# ---------------------------------------------------------------- spec §2: selection and MGF
+# ---------------------------------------------------------------- docs/method.md §2: selection and MGF
 
 
 def select(tokens: torch.Tensor, scores: torch.Tensor, k: int, candidates: list[int]):
@@ -93,14 +93,14 @@ def select(tokens: torch.Tensor, scores: torch.Tensor, k: int, candidates: list[
 
 
 def modality(feats: TokenFeatures, ratio: float, is_text: bool, mgf, bn):
-    """Spec §2 for one modality, sample by sample: global token, selections, BN features (B, 3, D)."""
+    """docs/method.md §2 for one modality, sample by sample: global token, selections, BN features (B, 3, D)."""
     batch, length, _ = feats.tokens.shape
     k = int(length * ratio)
     globals_, group1, selected, rows = [], [], [], [[], [], []]
     for b in range(batch):
         g = int(feats.global_index[b])
         if is_text and feats.padding_mask is not None and g == 0:
-            # Spec §9 (BERT): every position but [CLS] is a candidate, [SEP] and [PAD] included; the
+            # docs/method.md §9 (BERT): every position but [CLS] is a candidate, [SEP] and [PAD] included; the
             # cross-attention ignores the [PAD] keys.
             candidates = [n for n in range(1, length)]
             ignored = {n for n in range(length) if bool(feats.padding_mask[b, n])}
@@ -124,7 +124,7 @@ def modality(feats: TokenFeatures, ratio: float, is_text: bool, mgf, bn):
     return features, globals_, group1, selected
 
 
-# ---------------------------------------------------------------- spec §3 and §4: similarities
+# ---------------------------------------------------------------- docs/method.md §3 and §4: similarities
 
 
 def soft_max_pool(scores: torch.Tensor) -> torch.Tensor:
@@ -133,7 +133,7 @@ def soft_max_pool(scores: torch.Tensor) -> torch.Tensor:
 
 
 def cross_grained(img_global, img_selected, txt_global, txt_selected, tau: float = 0.07) -> torch.Tensor:
-    """Spec §3 sim_cs through explicit B x B x n x D repeats, as the authors' release builds them."""
+    """docs/method.md §3 sim_cs through explicit B x B x n x D repeats, as the authors' release builds them."""
     batch = len(img_global)
     img_glob, img_sel = unit(torch.stack(list(img_global))), unit(torch.stack(list(img_selected)))
     txt_glob, txt_sel = unit(torch.stack(list(txt_global))), unit(torch.stack(list(txt_selected)))
@@ -146,7 +146,7 @@ def cross_grained(img_global, img_selected, txt_global, txt_selected, tau: float
 
 
 def fine_grained(img_patches, txt_words, k_word: int = 3, k_patch: int = 3, tau: float = 0.01) -> torch.Tensor:
-    """Spec §4 sim_cd: per-sample affinity, token-by-token top-k means, then B x B x n x D repeats."""
+    """docs/method.md §4 sim_cd: per-sample affinity, token-by-token top-k means, then B x B x n x D repeats."""
     batch = len(img_patches)
     pos_word, pos_patch = [], []
     for i in range(batch):
@@ -167,11 +167,11 @@ def fine_grained(img_patches, txt_words, k_word: int = 3, k_patch: int = 3, tau:
     return (pw0 / tau + pw1 / tau) / 2
 
 
-# ---------------------------------------------------------------- spec §5: objectives
+# ---------------------------------------------------------------- docs/method.md §5: objectives
 
 
 def cmpm(img: torch.Tensor, txt: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
-    """Spec §5 CMPM, anchor by anchor."""
+    """docs/method.md §5 CMPM, anchor by anchor."""
     batch = len(pids)
     total = 0.0
     for x, y in ((img, txt), (txt, img)):
@@ -187,7 +187,7 @@ def cmpm(img: torch.Tensor, txt: torch.Tensor, pids: torch.Tensor) -> torch.Tens
 
 
 def cmpc(img: torch.Tensor, txt: torch.Tensor, pids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Spec §5 CMPC, sample by sample."""
+    """docs/method.md §5 CMPC, sample by sample."""
     batch = len(pids)
     classifier = weight / weight.norm(dim=0, keepdim=True)
     total = 0.0
@@ -202,7 +202,7 @@ def cmpc(img: torch.Tensor, txt: torch.Tensor, pids: torch.Tensor, weight: torch
 
 
 def diversity(parts: torch.Tensor) -> torch.Tensor:
-    """Spec §5 diversity, sample by sample: ||G_b with zero diagonal||_F / n^2, averaged."""
+    """docs/method.md §5 diversity, sample by sample: ||G_b with zero diagonal||_F / n^2, averaged."""
     n = parts.shape[1]
     values = []
     for b in range(parts.shape[0]):
@@ -214,7 +214,7 @@ def diversity(parts: torch.Tensor) -> torch.Tensor:
 
 
 def ranking(similarity: torch.Tensor, pids: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
-    """Spec §5 ranking loss: triplets mined with NumPy-style loops on CPU values, loss summed in torch."""
+    """docs/method.md §5 ranking loss: triplets mined with NumPy-style loops on CPU values, loss summed in torch."""
     labels = pids.tolist()
     total = similarity.sum() * 0
     for matrix in (similarity, similarity.T):
@@ -239,7 +239,7 @@ def ranking(similarity: torch.Tensor, pids: torch.Tensor, margin: float = 0.2) -
 
 
 def head_losses(head, image: TokenFeatures, text: TokenFeatures, pids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Spec §2-5 end to end for a CFineHead's parameters: features, the weighted loss parts and their total."""
+    """docs/method.md §2-5 end to end for a CFineHead's parameters: features, the weighted loss parts and their total."""
     config = head.config
     img_f, img_g, img_g1, img_sel = modality(image, config.image_ratio, False, head.mgf, head.image_bn)
     txt_f, txt_g, txt_g1, txt_sel = modality(text, config.text_ratio, True, head.mgf, head.text_bn)
@@ -262,7 +262,7 @@ def head_losses(head, image: TokenFeatures, text: TokenFeatures, pids: torch.Ten
 
 
 def random_bert_tokens(batch: int, length: int, width: int, real: torch.Tensor, generator=None) -> TokenFeatures:
-    """Spec §9 text: random tokens (B, L, D); [CLS] at 0; real[b] real ids then [PAD]s, whose scores are ~0 (the
+    """docs/method.md §9 text: random tokens (B, L, D); [CLS] at 0; real[b] real ids then [PAD]s, whose scores are ~0 (the
     additive mask), so the [CLS] attention row puts no weight on them."""
     tokens = torch.randn(batch, length, width, generator=generator)
     padding = torch.arange(length).unsqueeze(0) >= real.unsqueeze(1)

@@ -1,4 +1,4 @@
-"""configs/*_paper.json: the authors' released setting (spec §6 and §9), spelled out in full."""
+"""configs/*_paper.json: the authors' released setting (docs/method.md §6 and §9), spelled out in full."""
 import json
 
 import pytest

@@ -31,7 +31,7 @@ from utils.grad_cache import forward_backward
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 WORLD = 2
-LR = 1e-4  # one SGD step at the spec's head learning rate: the update is -LR x the gradient
+LR = 1e-4  # one SGD step at the authors' head learning rate: the update is -LR x the gradient
 # Per process batch 8 (global 16 on 2 ranks); eval batches of 4 split the 12 val images over both ranks.
 DDP_FLAGS = [*TINY_TRAIN_FLAGS, "--batch_size", "8", "--eval_batch_size", "4"]  # the last --batch_size wins
 TIMING_KEYS = ("seconds", "pairs_per_s", "checkpoint_s", "checkpoint_mib")

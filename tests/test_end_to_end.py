@@ -64,7 +64,7 @@ def test_test_py_rejects_bad_checkpoints(tmp_path):
 
 
 def test_bert_mode_trains_and_test_py_rebuilds_it_from_the_checkpoint_alone(processed_root, tmp_path):
-    """Spec §9 through the user's commands: a tiny random BERT folder (Hugging Face layout), 2 epochs, test.py."""
+    """docs/method.md §9 through the user's commands: a tiny random BERT folder (Hugging Face layout), 2 epochs, test.py."""
     from tests.bert_fixtures import write_bert_folder
 
     bert = write_bert_folder(tmp_path / "bert-tiny", hidden=64)

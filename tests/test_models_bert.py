@@ -1,4 +1,4 @@
-"""The authors' configuration (spec §9): BERT tokenisation, BERT token features, the §9 text path, bert-mode CFine."""
+"""The authors' configuration (docs/method.md §9): BERT tokenisation, BERT token features, the §9 text path, bert-mode CFine."""
 import sys
 
 import pytest
@@ -147,7 +147,7 @@ def test_training_mode_selects_with_the_dropped_out_attention_row(bert_folder):
 
 
 def test_bert_text_path_equals_the_loop_reference():
-    """§9 text path (100 tokens, k=20, [PAD]s as candidates, key padding mask) vs the loop reference, fp32."""
+    """docs/method.md §9 text path (100 tokens, k=20, [PAD]s as candidates, key padding mask) vs the loop reference, fp32."""
     torch.manual_seed(0)
     width = 64
     config = CFineConfig(clip=CLIPConfig.tiny(width=width).vision_only(), text_encoder="bert",

@@ -1,4 +1,4 @@
-"""The CFine head end to end (spec §2-5) on random encoder tokens: reference parity, equivariance, AMP, edge cases."""
+"""The CFine head end to end (docs/method.md §2-5) on random encoder tokens: reference parity, equivariance, AMP, edge cases."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""MGF modules (spec §2): the shared cross-attention block, the BN bottleneck and the CMPC classifier."""
+"""MGF modules (docs/method.md §2): the shared cross-attention block, the BN bottleneck and the CMPC classifier."""
 import torch
 
 from models.bottleneck import apply_bottleneck, make_bottleneck

@@ -1,4 +1,4 @@
-"""Objectives of spec §5: hand-computed small cases, the loop reference, ranking-loss rules, one-identity batches."""
+"""Objectives of docs/method.md §5: hand-computed small cases, the loop reference, ranking-loss rules, one-identity batches."""
 import math
 
 import torch

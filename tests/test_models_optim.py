@@ -1,4 +1,4 @@
-"""Optimiser groups and the per-epoch learning-rate schedule of spec §6."""
+"""Optimiser groups and the per-epoch learning-rate schedule of docs/method.md §6."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""MGF token selection (spec §2): batched top-k gather against the per-sample reference, and its rules."""
+"""MGF token selection (docs/method.md §2): batched top-k gather against the per-sample reference, and its rules."""
 import torch
 
 from models.selection import image_candidates, select_tokens, selection_indices, text_candidates, text_padding_mask

@@ -1,4 +1,4 @@
-"""CFR and FCD similarities (spec §3-4): vectorised versions against the loop reference, values and gradients."""
+"""CFR and FCD similarities (docs/method.md §3-4): vectorised versions against the loop reference, values and gradients."""
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten

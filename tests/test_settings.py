@@ -106,7 +106,7 @@ def test_repository_configs_hold_only_what_differs_from_the_defaults(name):
     same = [key for key, value in values.items() if TABLE[key].check(value, key) == TABLE[key].default]
     assert not same, f"configs/{name}.json repeats defaults: {same}"
     args = train.parse_args(["--config", str(REPO / "configs" / f"{name}.json")])
-    if name != "demo":  # the spec's recipe (CFINE_SPEC §6) on each benchmark
+    if name != "demo":  # the authors' recipe (docs/method.md §6) on each benchmark
         assert (args.batch_size, args.epochs, args.lr_head, args.lr_image, args.lr_text, args.wd_image) == (
             32, 50, 1e-4, 1e-5, 1e-5, 4e-5)
         assert (args.warmup_epochs, args.warmup_start, args.milestones, args.seed, args.clip) == (

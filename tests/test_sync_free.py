@@ -83,7 +83,7 @@ def test_the_recorder_sees_the_reads_it_is_meant_to_catch():
 
 @pytest.mark.usefixtures("single_thread")
 def test_bert_mode_reads_on_the_host_only_inside_transformers():
-    """Bert mode (spec §9): CFine's own code reads nothing; any read left is Hugging Face BertModel's own.
+    """Bert mode (docs/method.md §9): CFine's own code reads nothing; any read left is Hugging Face BertModel's own.
 
     Measured with transformers 5.24: one read per forward, `padding_mask.all()` in masking_utils.py (it decides
     whether the attention mask can be dropped). That is transformers' code and stays as it is.

@@ -1,4 +1,4 @@
-"""Encode a split's gallery and queries with CFine and score retrieval both ways (spec §7)."""
+"""Encode a split's gallery and queries with CFine and score retrieval both ways (docs/method.md §7)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

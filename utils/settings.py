@@ -104,10 +104,10 @@ class Setting:
 
 
 _DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_LOSS = "CFine loss weights (defaults: the spec's; for ablations and the from-scratch demo)"
+_LOSS = "CFine loss weights (defaults: the authors'; for ablations and the from-scratch demo)"
 _DDP = "several processes (torchrun); no effect in a single process"
 
-# The defaults are the spec's recipe (the authors' CUHK-PEDES run, CFINE_SPEC §6).
+# The defaults are the authors' recipe (the authors' CUHK-PEDES run, docs/method.md §6).
 TRAIN_SETTINGS = (
     Setting("config", None, role=COMMAND, help="JSON file of settings that differ from the defaults; flags override it"),
     Setting("dataset", "CUHK-PEDES", choices=tuple(BENCHMARKS)),
@@ -118,7 +118,7 @@ TRAIN_SETTINGS = (
     Setting("clip_arch", "vit_b16", choices=tuple(ARCH_PATCH),
             help="architecture built when --clip none (tiny: the CPU demo's small CLIP-shaped model)"),
     Setting("text_encoder", "clip", choices=("clip", "bert"),
-            help="clip: CLIP's text tower, D=512 (the project's default); bert: the authors' release (spec §9), "
+            help="clip: CLIP's text tower, D=512 (the project's default); bert: the authors' release (docs/method.md §9), "
                  "BERT-base text and unprojected 768-d image tokens (needs --bert and requirements-bert.txt)"),
     Setting("bert", None, role=COMMAND,
             help="with --text_encoder bert: bert-base-uncased in Hugging Face layout (config.json, vocab.txt, "
