@@ -1,4 +1,4 @@
-"""Test helper: a generated dataset with the real-world mess of DATASETS.md added to a copy of it.
+"""Test helper: a generated dataset with the real benchmarks' real-world mess added to a copy of it.
 
 Benign mess (data.sh must accept and repair or report it): grayscale, palette, RGBA and CMYK images,
 mixed .jpg/.png, a tiny crop, HTML entities, non-ASCII punctuation, doubled spaces and trailing
