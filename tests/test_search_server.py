@@ -152,8 +152,13 @@ def test_server_escapes_the_query_and_notes_truncation(server):
 def test_result_page_renders_in_headless_chromium(server, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.fail("chromium is not installed: this test needs Debian's `chromium` package "
-                    "(`apt-get install -y chromium`; .ci/run installs it when missing)")
+        # run_tests.sh installs Debian's chromium when it runs as root; elsewhere the page test cannot run. In CI
+        # (CI=true) a missing browser is a failure, so a green CI always means the page was rendered.
+        reason = ("chromium is not installed: this test needs Debian's `chromium` package (`apt-get install -y "
+                  "chromium`; run_tests.sh installs it when run as root)")
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
     shot, k, size = tmp_path / "page.png", 8, (1000, 800)
     result = subprocess.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
