@@ -27,7 +27,25 @@ def test_figure_has_axes_labels_grid_data_and_split_markers():
     assert best == ["best R@1 30.00 (epoch 3, val)"]
     loss_labels = {line.get_label() for line in losses.get_lines()}
     assert {"total", "cmpm"} <= loss_labels and "ranking" not in loss_labels  # zeros cannot sit on a log axis
-    assert "val and test" in metrics.get_title()
+    assert metrics.get_title() == "text-to-image retrieval on val and test"
+    assert legend_markers(metrics) == {"evaluated on val": "o", "evaluated on test": "s"}
+    assert all(int(tick) == tick for tick in metrics.get_xticks())  # whole epochs
+
+
+def legend_markers(axes) -> dict[str, str]:
+    """The legend's split entries: label -> the marker its handle shows."""
+    legend = axes.get_legend()
+    return {text.get_text(): handle.get_marker() for text, handle in zip(legend.get_texts(), legend.legend_handles)
+            if text.get_text().startswith("evaluated on")}
+
+
+def test_the_legend_names_only_the_markers_drawn():
+    val_only = training_curves_figure([row for row in ROWS if row["eval_split"] == "val"]).axes[1]
+    drawn = {line.get_marker() for line in val_only.get_lines() if line.get_linestyle() == "None" and len(line.get_xdata())}
+    assert drawn == {"o"} and legend_markers(val_only) == {"evaluated on val": "o"}
+    assert "square" not in val_only.get_title() and "circle" not in val_only.get_title()
+    no_evaluation = training_curves_figure([{"epoch": 1, "loss": 3.0}]).axes[1]
+    assert no_evaluation.get_legend() is None and no_evaluation.get_title() == "no evaluation recorded yet"
 
 
 def test_png_is_written_atomically_and_empty_history_is_an_error(tmp_path):
@@ -49,3 +67,4 @@ def test_carved_validation_points_are_marked_as_val():
     metrics = training_curves_figure(rows).axes[1]
     markers = {line.get_marker() for line in metrics.get_lines() if line.get_linestyle() == "None"}
     assert markers == {"o"} and "val_carved" in metrics.get_title()
+    assert legend_markers(metrics) == {"evaluated on val_carved": "o"}

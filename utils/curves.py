@@ -7,12 +7,14 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .files import atomic_write
 
 METRICS = (("R1", "R@1"), ("mAP", "mAP"), ("mINP", "mINP"))
 # Which split an evaluation ran on is visible at each point; val_carved: training ids held out as val (ICFG-PEDES).
 SPLIT_MARKERS = {"val": "o", "val_carved": "o", "test": "s"}
+PROXY_COLOR = "dimgrey"  # the legend's split markers (each metric draws them in its own colour)
 
 
 def read_history(metrics_jsonl: str | Path) -> list[dict]:
@@ -25,7 +27,8 @@ def read_history(metrics_jsonl: str | Path) -> list[dict]:
 
 def training_curves_figure(rows: list[dict]) -> Figure:
     """Two panels sharing the epoch axis: each loss part (log scale) and text-to-image R@1/mAP/mINP (%), with the
-    evaluation split marked per point (circle = val, square = test) and the best R@1 epoch as a dashed line."""
+    evaluation split marked per point (the legend names the markers of the splits present) and the best R@1 epoch
+    as a dashed line."""
     figure = Figure(figsize=(9, 7), dpi=100, layout="constrained")
     losses, metrics = figure.subplots(2, 1, sharex=True)
     loss_keys = sorted({k for row in rows for k in row if k.startswith("loss")})
@@ -53,8 +56,12 @@ def training_curves_figure(rows: list[dict]) -> Figure:
         metrics.axvline(best["epoch"], color="grey", linestyle="--",
                         label=f"best R@1 {best['R1']:.2f} (epoch {best['epoch']}, {split})")
     splits = [s for s in SPLIT_MARKERS if any(row.get("eval_split", "val") == s for row in scored)]
-    metrics.set_title("text-to-image retrieval on " + " and ".join(splits) + " (circle = val, square = test)")
+    for marker in dict.fromkeys(SPLIT_MARKERS[s] for s in splits):  # one legend entry per marker drawn
+        named = " / ".join(s for s in splits if SPLIT_MARKERS[s] == marker)
+        metrics.plot([], [], linestyle="none", marker=marker, color=PROXY_COLOR, label=f"evaluated on {named}")
+    metrics.set_title("text-to-image retrieval on " + " and ".join(splits) if splits else "no evaluation recorded yet")
     metrics.set_xlabel("epoch")
+    metrics.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     metrics.set_ylabel("%")
     for axes in (losses, metrics):
         axes.grid(True, which="major", alpha=0.4)
