@@ -9,10 +9,66 @@ image exactly, as test.py ranks a split's gallery (utils/gallery_search.py, util
 """
 from __future__ import annotations
 
+# ruff: noqa: E402 (the arguments are parsed before the heavy imports: see below)
 import argparse
 import json
 import sys
 from pathlib import Path
+
+from utils.settings import default_device
+
+SHOWN = 10  # unreadable images listed by name; the rest are counted
+THREADS_HELP = ("CPU threads scanning the features (default 1: more help on an idle many-core machine and "
+                "can be much slower on a busy one; see utils/gallery_search.py)")
+DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Search a folder of photos with a sentence (CFine checkpoint)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    index = commands.add_parser("index", help="encode the images of a folder into an index (or update it)")
+    index.add_argument("--checkpoint", required=True, help="best.pt or last.pt written by train.py")
+    index.add_argument("--images", required=True, help="folder searched recursively for jpg/jpeg/png/bmp/webp files")
+    index.add_argument("--out", default="search_index", help="index folder to create or update (default: search_index)")
+    index.add_argument("--device", help=DEVICE_HELP)
+    index.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    index.add_argument("--batch_size", type=positive_int, default=128)
+    index.add_argument("--workers", type=int, default=None, help="image loading processes (default: cores - 1, at most 8)")
+    index.add_argument("--no_progress", action="store_true")
+
+    query = commands.add_parser("query", help="rank the indexed images for one or more sentences")
+    query.add_argument("--index", required=True, help="folder written by `search.py index`")
+    query.add_argument("sentences", nargs="+", metavar="SENTENCE", help="a description of the person to find")
+    query.add_argument("--top_k", type=positive_int, default=10)
+    query.add_argument("--json", action="store_true", help="one JSON object per sentence instead of a table")
+    query.add_argument("--page", help="also draw OUT.png: the sentence and its top-k images (OUT-2.png... for more)")
+    query.add_argument("--checkpoint", help="the index's checkpoint if it moved (the same file: its SHA256 is checked)")
+    query.add_argument("--device", help=DEVICE_HELP)
+    query.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
+
+    serve = commands.add_parser("serve", help="a local web page: a search box and a grid of ranked images")
+    serve.add_argument("--index", required=True, help="folder written by `search.py index`")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    serve.add_argument("--checkpoint", help="the index's checkpoint if it moved (the same file: its SHA256 is checked)")
+    serve.add_argument("--device", help=DEVICE_HELP)
+    serve.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
+    return parser
+
+
+# Run as a script, search.py reads its arguments before the imports below, which load torch (about 10 s): --help
+# and a mistyped argument answer at once. Imported as a module (tests, benchmarks), it defines everything as usual.
+if __name__ == "__main__":
+    ARGS = get_args_parser().parse_args()
 
 import numpy as np
 import torch
@@ -30,53 +86,6 @@ from utils.search_server import SearchServer
 from utils.text_search import load_text_search
 from utils.training import autocast, resolve_amp
 from utils.visualize import ranking_page
-
-SHOWN = 10  # unreadable images listed by name; the rest are counted
-THREADS_HELP = ("CPU threads scanning the features (default 1: more help on an idle many-core machine and "
-                "can be much slower on a busy one; see utils/gallery_search.py)")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Search a folder of photos with a sentence (CFine checkpoint)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-
-    index = commands.add_parser("index", help="encode the images of a folder into an index (or update it)")
-    index.add_argument("--checkpoint", required=True, help="best.pt or last.pt written by train.py")
-    index.add_argument("--images", required=True, help="folder searched recursively for jpg/jpeg/png/bmp/webp files")
-    index.add_argument("--out", default="search_index", help="index folder to create or update (default: search_index)")
-    index.add_argument("--device", default=default_device)
-    index.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
-    index.add_argument("--batch_size", type=positive_int, default=128)
-    index.add_argument("--workers", type=int, default=None, help="image loading processes (default: cores - 1, at most 8)")
-    index.add_argument("--no_progress", action="store_true")
-
-    query = commands.add_parser("query", help="rank the indexed images for one or more sentences")
-    query.add_argument("--index", required=True, help="folder written by `search.py index`")
-    query.add_argument("sentences", nargs="+", metavar="SENTENCE", help="a description of the person to find")
-    query.add_argument("--top_k", type=positive_int, default=10)
-    query.add_argument("--json", action="store_true", help="one JSON object per sentence instead of a table")
-    query.add_argument("--page", help="also draw OUT.png: the sentence and its top-k images (OUT-2.png... for more)")
-    query.add_argument("--checkpoint", help="the index's checkpoint if it moved (the same file: its SHA256 is checked)")
-    query.add_argument("--device", default=default_device)
-    query.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
-
-    serve = commands.add_parser("serve", help="a local web page: a search box and a grid of ranked images")
-    serve.add_argument("--index", required=True, help="folder written by `search.py index`")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
-    serve.add_argument("--checkpoint", help="the index's checkpoint if it moved (the same file: its SHA256 is checked)")
-    serve.add_argument("--device", default=default_device)
-    serve.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
-    return parser
 
 
 @torch.no_grad()
@@ -103,7 +112,7 @@ def encode_files(model, paths: list[Path], mean_std: str, device: torch.device, 
 
 def build_index(args: argparse.Namespace) -> int:
     """`index`: encode what is new or changed under --images, reuse the rest, write --out atomically."""
-    root, device = Path(args.images), torch.device(args.device)
+    root, device = Path(args.images), torch.device(args.device or default_device())
     if not root.is_dir():
         raise SystemExit(f"--images {root}: no such folder")
     try:
@@ -153,7 +162,8 @@ def query_index(args: argparse.Namespace) -> int:
     if any(not s.strip() for s in args.sentences):
         raise SystemExit("query: a SENTENCE is empty; describe the person to find")
     try:
-        search = load_text_search(args.index, torch.device(args.device), args.checkpoint, args.threads)
+        search = load_text_search(args.index, torch.device(args.device or default_device()), args.checkpoint,
+                                  args.threads)
         results = search.search(args.sentences, args.top_k)
     except (CheckpointFileError, SearchIndexError) as error:
         raise SystemExit(str(error)) from None
@@ -179,7 +189,8 @@ def query_index(args: argparse.Namespace) -> int:
 def serve_index(args: argparse.Namespace) -> int:
     """`serve`: the search page on host:port until Ctrl-C."""
     try:
-        search = load_text_search(args.index, torch.device(args.device), args.checkpoint, args.threads)
+        search = load_text_search(args.index, torch.device(args.device or default_device()), args.checkpoint,
+                                  args.threads)
     except (CheckpointFileError, SearchIndexError) as error:
         raise SystemExit(str(error)) from None
     try:
@@ -206,4 +217,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(main(ARGS))

@@ -7,24 +7,12 @@ share of the split and the metrics equal the one-process ones exactly; only rank
 """
 from __future__ import annotations
 
+# ruff: noqa: E402 (the flags are parsed before the heavy imports: see below)
 import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from datasets.base import DataError
-from datasets.build import available_splits, build_eval_data
-from datasets.processed import check_same_data
-from models.cfine import retrieval_features
-from utils import distributed
-from utils.checkpoint import CheckpointFileError, load_model
-from utils.curves import plot_training_curves
-from utils.evaluation import encode_split, format_table, score_split
-from utils.files import check_writable_folder, write_json
-from utils.settings import TABLE, Setting, flag_type
-from utils.training import resolve_amp
-from utils.visualize import ranking_page
+from utils.settings import TABLE, Setting, default_device, flag_type
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -36,8 +24,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="test", choices=["test", "val"],
                         help="val: the dataset's val split, or the training ids a run held out as val (ICFG-PEDES)")
     parser.add_argument("--output_dir", "--output-dir", help="default: <checkpoint folder>/eval_<split>")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=flag_type(TABLE["device"]),
-                        help="cpu, cuda or cuda:N")
+    parser.add_argument("--device", type=flag_type(TABLE["device"]),
+                        help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     parser.add_argument("--compile", default="off", type=flag_type(TABLE["compile"]), metavar="BACKEND",
                         help="torch.compile the encoders: off, inductor or aot_eager")
@@ -50,6 +38,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", action="store_true", help="also plot training curves from the run's metrics.jsonl")
     parser.add_argument("--no_progress", "--no-progress", action="store_true")
     return parser
+
+
+# Run as a script, test.py reads its flags before the imports below, which load torch (over 10 s): --help and a
+# mistyped flag answer at once. Imported as a module (tests), it defines everything as usual.
+if __name__ == "__main__":
+    ARGS = get_args_parser().parse_args()
+
+import torch
+
+from datasets.base import DataError
+from datasets.build import available_splits, build_eval_data
+from datasets.processed import check_same_data
+from models.cfine import retrieval_features
+from utils import distributed
+from utils.checkpoint import CheckpointFileError, load_model
+from utils.curves import plot_training_curves
+from utils.environment import machine
+from utils.evaluation import encode_split, format_table, score_split
+from utils.files import check_writable_folder, write_json
+from utils.training import resolve_amp
+from utils.visualize import ranking_page
 
 
 def visualize(encoded, data, out_dir: Path, count: int, top: int = 10) -> list[Path]:
@@ -78,7 +87,7 @@ def carved_ids(state: dict, split: str, dataset: str) -> list[int]:
 
 
 def main(args: argparse.Namespace) -> int:
-    info, device = distributed.init_distributed(args.device)
+    info, device = distributed.init_distributed(args.device or default_device())
     try:
         model, state = load_model(args.checkpoint, device)
     except CheckpointFileError as error:
@@ -119,7 +128,7 @@ def main(args: argparse.Namespace) -> int:
         write_json(out_dir / "metrics.json", {"checkpoint": str(args.checkpoint), "dataset": dataset,
                                               "split": "val_carved" if held_out else args.split,
                                               "selected_on": state.get("eval_split"), "epoch": state.get("epoch"),
-                                              **results})
+                                              **results, "machine": machine(device)})
         print(f"wrote {out_dir / 'metrics.json'}")
         if args.visualize > 0:
             pages = visualize(encoded, data, out_dir / "visualize", args.visualize)
@@ -135,4 +144,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(distributed.run(main, get_args_parser().parse_args()))
+    sys.exit(distributed.run(main, ARGS))

@@ -10,6 +10,7 @@ A new run needs an empty --output_dir (or --overwrite).
 """
 from __future__ import annotations
 
+# ruff: noqa: E402 (the flags are parsed before the heavy imports: see below)
 import argparse
 import contextlib
 import json
@@ -19,6 +20,27 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from utils import settings
+
+# What --overwrite deletes (and tb/'s event files); train.log is started afresh.
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "environment.json", "held_out_ids.json")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Flags built from utils/settings.py's table (TRAIN_SETTINGS)."""
+    return settings.get_args_parser("Train CFine (text-to-image person retrieval)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Defaults < --config file < explicit flags, every value checked against the settings table."""
+    return settings.parse(get_args_parser(), argv)
+
+
+# Run as a script, train.py reads its flags before the imports below, which load torch (over 10 s): --help and a
+# mistyped flag answer at once. Imported as a module (tests, benchmarks), it defines everything as usual.
+if __name__ == "__main__":
+    ARGS = parse_args()
 
 import torch
 from tqdm import tqdm
@@ -34,27 +56,14 @@ from models.config import CFineConfig
 from models.gather import convert_to_global_bn
 from models.optim import build_optimizer
 from models.tokenization import CaptionTokenizer, caption_tokenizer
-from utils import distributed, run_log, settings
+from utils import distributed, run_log
 from utils.checkpoint import CheckpointFileError, load_checkpoint, save_checkpoint
 from utils.environment import record_environment
-from utils.evaluation import encode_split, format_table, score_split
+from utils.evaluation import encode_split, score_split
 from utils.files import atomic_write, check_writable_folder, folder_contents, remove_stale_temp_files, write_json
 from utils.grad_cache import forward_backward
 from utils.step_guard import StepGuard, TrainingDiverged
 from utils.training import StopRequest, TrainingStopped, autocast, compiled, resolve_amp, rng_state, seed_everything, set_rng_state
-
-# What --overwrite deletes (and tb/'s event files); train.log is started afresh.
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "environment.json", "held_out_ids.json")
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    """Flags built from utils/settings.py's table (TRAIN_SETTINGS)."""
-    return settings.get_args_parser("Train CFine (text-to-image person retrieval)")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Defaults < --config file < explicit flags, every value checked against the settings table."""
-    return settings.parse(get_args_parser(), argv)
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> CFine:
@@ -465,13 +474,15 @@ def train_run(args: argparse.Namespace, closing: contextlib.ExitStack) -> int:
             steps_done = run.epoch * data.loader.sampler.batches_per_epoch + run.step_in_epoch
             board = closing.enter_context(run_log.TrainingBoard(output_dir / "tb", model, args.log_every, steps_done))
 
+    if info.is_main:
+        print(run_log.epoch_table_header(data.eval_split))
     if args.eval_at_start and run.epoch == 0 and run.step_in_epoch == 0 and not run.history:
         results = evaluate(model, data, args, device, amp, progress)
         run.history.append({"epoch": 0, **metrics_row(results, data.eval_split)})
         if board:
             board.log_epoch(run.history[-1])
         if info.is_main:
-            print(f"before training, on {data.eval_split}:\n{format_table(results)}")
+            print(run_log.epoch_table_row(run.history[-1], args.epochs, best=False))
 
     with StopRequest() as stop:
         try:
@@ -485,17 +496,14 @@ def train_run(args: argparse.Namespace, closing: contextlib.ExitStack) -> int:
                 scheduler.step()
                 distributed.broadcast_buffers(model)  # every rank now holds what rank 0 saves below
                 if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-                    results = evaluate(model, data, args, device, amp, progress)
-                    row.update(metrics_row(results, data.eval_split))
-                    if info.is_main:
-                        print(f"epoch {epoch + 1} on {data.eval_split}:\n{format_table(results)}")
+                    row.update(metrics_row(evaluate(model, data, args, device, amp, progress), data.eval_split))
                 improved = run.finish_epoch(row)
                 if board:
                     board.log_epoch(row)
                 if info.is_main:
                     save_files(output_dir, make_checkpoint(model, optimizer, scheduler, scaler, guard, run, args, data),
                                best=improved, history=run.history)
-                    print(json.dumps({k: v for k, v in row.items() if not k.startswith("lr_")}))
+                    print(run_log.epoch_table_row(row, args.epochs, improved))  # once saved: a printed epoch is in last.pt
                 run.saved = output_dir / "last.pt"
         except TrainingStopped as stopped:
             run.step_in_epoch = stopped.step
@@ -519,4 +527,4 @@ def train_run(args: argparse.Namespace, closing: contextlib.ExitStack) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(distributed.run(main, parse_args()))
+    sys.exit(distributed.run(main, ARGS))

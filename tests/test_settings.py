@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import train
 from tests.conftest import REPO
@@ -30,7 +31,8 @@ def parse_error(argv, capsys):
 def test_the_table_gives_the_defaults_and_the_attribute_names(monkeypatch):
     args = train.parse_args([])
     assert set(settings.as_dict(args)) == NAMES and {s.name for s in TRAIN_SETTINGS} == NAMES
-    assert all(getattr(args, s.name) == s.default for s in TRAIN_SETTINGS)
+    assert all(getattr(args, s.name) == s.default for s in TRAIN_SETTINGS if s.name != "device")
+    assert args.device == ("cuda" if torch.cuda.is_available() else "cpu")  # decided after parsing: --help needs no torch
     assert (args.batch_size, args.epochs, args.lr_head, args.milestones, args.image_size) == (32, 50, 1e-4, [20, 25, 35],
                                                                                                 [224, 224])
     assert args._given == {}

@@ -1,4 +1,4 @@
-"""environment.json: the software and hardware a run used (Python, torch, CUDA, cuDNN, GPUs, git, pip freeze)."""
+"""environment.json: the software and hardware a run used (Python, torch, CUDA, cuDNN, GPUs, CPU, git, pip freeze)."""
 from __future__ import annotations
 
 import functools
@@ -32,6 +32,31 @@ def git_state(repo: Path = REPO) -> dict:
     return {"commit": commit.strip() if commit else None, "dirty": bool(status.strip()) if status is not None else None}
 
 
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
+    """The CPU's "model name" from /proc/cpuinfo, else platform.processor(); None when neither names it."""
+    try:
+        for line in Path(cpuinfo).read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def cpu_details() -> dict:
+    """The CPU model, the instruction set torch's CPU kernels were chosen for (e.g. AVX512) and torch's intra-op
+    thread count: what CPU timings and CPU-side numerics depend on."""
+    return {"cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "intra_op_threads": torch.get_num_threads()}
+
+
+def machine(device: torch.device) -> dict:
+    """Where an evaluation ran: the device (with its GPU's name) and cpu_details()."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"device": str(device), "gpu": gpu, **cpu_details()}
+
+
 @functools.lru_cache(maxsize=1)
 def pip_freeze() -> tuple[str, ...] | None:
     """`python -m pip freeze` of this interpreter (once per process), or None if pip is missing or fails."""
@@ -48,6 +73,7 @@ def describe_environment() -> dict:
             "python": sys.version.split()[0], "platform": platform.platform(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": cudnn,
             "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+            **cpu_details(),
             "git": git_state(), "pip_freeze": list(freeze) if freeze is not None else None}
 
 

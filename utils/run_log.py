@@ -1,8 +1,10 @@
-"""What a run leaves besides checkpoints: train.log (a copy of the console) and TensorBoard logs (--tensorboard).
+"""What a run leaves besides checkpoints: train.log (a copy of the console), the console's per-epoch table, and
+TensorBoard logs (--tensorboard).
 
-train.log receives every line rank 0 prints to stdout or stderr, without tqdm's progress bars (a bar redraws
-itself with carriage returns, so lines holding a '\\r' are left out). It is appended to on --resume. It is a log,
-written as it goes, not atomically: a killed run leaves the lines printed so far.
+train.log receives every line rank 0 prints to stdout or stderr, without tqdm's progress bars (tqdm draws each
+state of a bar with one write that holds a carriage return; those writes, and the newline that ends a finished
+bar, are left out). It is appended to on --resume. It is a log, written as it goes, not atomically: a killed run
+leaves the lines printed so far.
 """
 from __future__ import annotations
 
@@ -14,16 +16,22 @@ from torch import nn
 
 
 class _Tee:
-    """A text stream that writes to `stream` and copies complete lines without '\\r' to `log`."""
+    """A text stream that writes to `stream` and copies its lines to `log`, progress bars left out."""
 
     def __init__(self, stream: TextIO, log: TextIO):
         self.stream, self.log, self.partial = stream, log, ""
+        self.after_bar = False  # the last write drew a progress bar
 
     def write(self, text: str) -> int:
         self.stream.write(text)
-        *lines, self.partial = (self.partial + text).split("\n")
-        for line in lines:
-            if "\r" not in line:  # a progress bar's redraw
+        if "\r" in text:  # a bar's redraw (or erasure): the line it shares is the bar's, and text after it starts anew
+            self.partial, self.after_bar = "", True
+        elif text:
+            if self.after_bar and text.startswith("\n"):  # the newline that ends a finished bar
+                text = text[1:]
+            self.after_bar = False
+            *lines, self.partial = (self.partial + text).split("\n")
+            for line in lines:
                 self.log.write(line + "\n")
         return len(text)
 
@@ -54,13 +62,43 @@ class ConsoleCopy:
     def __exit__(self, *exc) -> None:
         if self.saved is not None:
             for tee in (sys.stdout, sys.stderr):
-                if isinstance(tee, _Tee) and tee.partial and "\r" not in tee.partial:
+                if isinstance(tee, _Tee) and tee.partial:
                     self.file.write(tee.partial + "\n")
             sys.stdout, sys.stderr = self.saved
             self.saved = None
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+# The console's per-epoch table: column groups of (metrics.jsonl key, title, format with the column's width).
+# metrics.jsonl keeps every field of a row; the table shows the ones to watch.
+EPOCH_COLUMNS = (
+    (("loss", "loss", "9.3f"), ("loss_cmpm", "cmpm", "9.3f"), ("loss_cmpc", "cmpc", "9.3f"),
+     ("loss_diversity", "diversity", "9.3f"), ("loss_ranking", "ranking", "9.3f"), ("lr_head", "lr head", "8.2e")),
+    (("R1", "R@1", "6.2f"), ("R5", "R@5", "6.2f"), ("R10", "R@10", "6.2f"), ("mAP", "mAP", "6.2f"), ("mINP", "mINP", "6.2f")),
+    (("seconds", "train s", "7.1f"), ("pairs_per_s", "pairs/s", "7.1f")),
+)
+
+
+def epoch_table_header(split: str) -> str:
+    """A legend line and the column titles of the per-epoch table (epoch_table_row)."""
+    legend = (f"per epoch: loss = the sum of its weighted parts; lr of the head; text->image retrieval on {split} in %; "
+              "* = best R@1 so far (best.pt)")
+    return legend + "\n" + _table_line("epoch", [[title for _, title, _ in group] for group in EPOCH_COLUMNS]) + " best"
+
+
+def epoch_table_row(row: dict, epochs: int, best: bool) -> str:
+    """One metrics.jsonl row as a line of the console's table; '-' where the row has no value (no evaluation this
+    epoch, no training yet at epoch 0)."""
+    cells = [[format(row[key], spec) if key in row else "-" for key, _, spec in group] for group in EPOCH_COLUMNS]
+    return _table_line(f"{row['epoch']}/{epochs}", cells) + ("    *" if best else "")
+
+
+def _table_line(first: str, groups: list[list[str]]) -> str:
+    widths = [[int(spec.split(".")[0]) for _, _, spec in group] for group in EPOCH_COLUMNS]
+    return f"{first:>7s} " + " | ".join(" ".join(f"{cell:>{width}s}" for cell, width in zip(cells, group_widths))
+                                         for cells, group_widths in zip(groups, widths))
 
 
 def summary_writer(folder: str | Path):

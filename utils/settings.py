@@ -9,6 +9,9 @@ what `--resume` does with a setting:
   checkpoint unless given.
 - COMMAND belongs to one command only (the config file, the checkpoint to resume, where to write).
 So `python train.py --resume runs/x/last.pt` alone continues a run exactly as it would have gone on.
+
+The table imports neither torch nor clip (whose package imports torch): `--help` reads it, and torch takes seconds
+to import. The checks that need them (a --clip name, the patch size, the default device) import them when they run.
 """
 from __future__ import annotations
 
@@ -20,16 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
-from clip.config import CLIPConfig
-from clip.loading import RELEASED
 from datasets import BENCHMARKS
 
 RUN, KEPT, COMMAND = "run", "kept", "command"
 COMMAND_LINE_ONLY = ("config", "resume", "overwrite")  # meaningless inside a config file
 COMPILE_BACKENDS = ("off", "inductor", "aot_eager")
-ARCH_PATCH = {"vit_b16": CLIPConfig.vit_b16().vision.patch_size, "tiny": CLIPConfig.tiny().vision.patch_size}
+CLIP_ARCHS = ("vit_b16", "tiny")  # CLIPConfig's constructors for --clip none
 
 
 class SettingError(ValueError):
@@ -103,7 +102,6 @@ class Setting:
         return v
 
 
-_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _LOSS = "CFine loss weights (defaults: the authors'; for ablations and the from-scratch demo)"
 _DDP = "several processes (torchrun); no effect in a single process"
 
@@ -115,7 +113,7 @@ TRAIN_SETTINGS = (
             help="folder that data.sh wrote <dataset>/ into (default: processed_data; on --resume: the run's)"),
     Setting("clip", "ViT-B/16",
             help="pretrained CLIP: a released name (ViT-B/16, ...), a checkpoint path, or 'none' for random weights"),
-    Setting("clip_arch", "vit_b16", choices=tuple(ARCH_PATCH),
+    Setting("clip_arch", "vit_b16", choices=CLIP_ARCHS,
             help="architecture built when --clip none (tiny: the CPU demo's small CLIP-shaped model)"),
     Setting("text_encoder", "clip", choices=("clip", "bert"),
             help="clip: CLIP's text tower, D=512 (the project's default); bert: the authors' release (docs/method.md §9), "
@@ -162,7 +160,8 @@ TRAIN_SETTINGS = (
     Setting("compile", "off", choices=COMPILE_BACKENDS, role=KEPT,
             help="torch.compile the training step's model and the evaluation encoders with this backend "
                  "(inductor: the fast one; aot_eager: traces the same graphs without code generation, for checks)"),
-    Setting("device", _DEVICE, role=KEPT, rule=_device_problem, help="cpu, cuda or cuda:N"),
+    Setting("device", None, role=KEPT, rule=_device_problem,
+            help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)"),
     Setting("workers", None, int, minimum=0, role=KEPT,
             help="data loader processes per training process (default: the node's cores shared among its training "
                  "processes, minus one for each)"),
@@ -246,15 +245,26 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> arg
             check_chunk_size(values, "")
     except SettingError as error:
         parser.error(str(error))
+    values["device"] = values["device"] or default_device()
     args = argparse.Namespace(**values)
     args._given = given
     return args
 
 
+def default_device() -> str:
+    """--device when not given: cuda when a GPU is visible, else cpu."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def patch_size(clip: str, clip_arch: str) -> int | None:
     """The patch size a --clip/--clip_arch pair implies; None for a checkpoint path (known once it is read)."""
+    from clip.config import CLIPConfig
+    from clip.loading import RELEASED
+
     if clip.lower() == "none":
-        return ARCH_PATCH[clip_arch]
+        return (CLIPConfig.tiny() if clip_arch == "tiny" else CLIPConfig.vit_b16()).vision.patch_size
     match = re.search(r"/(\d+)", clip) if clip in RELEASED else None
     return int(match.group(1)) if match else None
 
@@ -265,6 +275,8 @@ def check_new_run(values: dict[str, Any]) -> None:
     if values["text_encoder"] == "bert" and not values["bert"]:
         raise SettingError("--text_encoder bert needs --bert FOLDER: bert-base-uncased in Hugging Face layout "
                            "(config.json, vocab.txt, model.safetensors or pytorch_model.bin)")
+    from clip.loading import RELEASED
+
     clip = values["clip"]
     if clip.lower() != "none" and clip not in RELEASED and not Path(clip).is_file():
         raise SettingError(f"--clip {clip}: no such file; clip takes a released name ({', '.join(RELEASED)}), "
