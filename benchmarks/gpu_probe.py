@@ -14,6 +14,7 @@ subcommand on a CPU in seconds (what tests/test_gpu_checks.py does through `DEVI
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import platform
 import sys
@@ -76,11 +77,22 @@ def training_setup(args):
     return device, model, build_optimizer(model)[0]
 
 
+def package_versions() -> dict:
+    """The installed versions of the runtime requirements (gpu_checks.sh may have added ftfy and wcwidth)."""
+    found = {}
+    for name in ("torch", "torchvision", "numpy", "Pillow", "tqdm", "ftfy", "wcwidth", "regex", "matplotlib", "transformers"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def cmd_env(args) -> dict:
     cuda = torch.cuda.is_available()
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if cuda else None, "device": args.device,
-            "cpu_threads": torch.get_num_threads()}
+            "cpu_threads": torch.get_num_threads(), "packages": package_versions()}
     if cuda:
         props = torch.cuda.get_device_properties(0)
         info |= {"gpu": props.name, "capability": f"{props.major}.{props.minor}",
