@@ -102,12 +102,14 @@ step env 15 "${PROBE[@]}" env
 step data 45 bash -c "$PY -m datasets.synthetic --out '$OUT/raw' --format CUHK-PEDES --ids $IDS --images_per_id 4 \
     --size $IMG --seed 0 --force && bash data.sh '$OUT/raw' CUHK-PEDES --out '$OUT/processed_data' --force"
 step train_eager 90 "${TRAIN[@]}" --output_dir "$OUT/train_eager" --compile off
+RUNS=("$OUT/train_eager")
 if [ "$COMPILE" != off ]; then
     step train_compile 150 "${TRAIN[@]}" --output_dir "$OUT/train_compile" --compile "$COMPILE"
+    RUNS+=("$OUT/train_compile")
 else
     echo "train_compile skipped (COMPILE=off)" >> "$OUT/status.txt"
 fi
-step throughput 15 "${PROBE[@]}" throughput "$OUT/train_eager" "$OUT/train_compile"
+step throughput 15 "${PROBE[@]}" throughput "${RUNS[@]}"
 step precision 35 "${PROBE[@]}" precision --batch 32
 step sync 25 "${PROBE[@]}" sync --batch "$BATCH"
 step memory 35 "${PROBE[@]}" memory --batches 32 64 128
