@@ -9,6 +9,7 @@ from clip import loading
 from clip.config import CLIPConfig
 from clip.loading import CheckpointError
 from clip.model import CLIP
+from tests.tolerance import assert_close
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +195,9 @@ def test_open_clip_hub_layout_says_which_activation_and_gelu_is_refused(inputs, 
     model, _ = clip.load(tmp_path / "open_clip_pytorch_model.bin")
     _, ids = inputs
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_text(ids), reference.encode_text(ids), rtol=1e-5, atol=1e-5)
+        # fp32 roundings of open_clip's modules vs ours, relative to the largest entry (tests/tolerance.py); measured
+        # 0 (bit-equal) over the CPU settings there, the bound allows a few roundings
+        assert_close(model.encode_text(ids), reference.encode_text(ids), 1e-6)
 
 
 @pytest.mark.parametrize("hint, accepted", [

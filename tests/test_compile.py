@@ -18,6 +18,12 @@ from clip.config import CLIPConfig
 from models.cfine import CFine
 from models.config import CFineConfig
 from tests.conftest import TINY_TRAIN_FLAGS, random_caption_ids
+from tests.tolerance import assert_close, assert_each_close
+
+# aot_eager decomposes some ops, so sums may run in another order: fp32 roundings relative to the largest entry
+# (tests/tolerance.py). Measured 0 (bit-equal) under every CPU setting there; the bound is what other orders of the
+# same model's sums need (chunked vs whole batch, tests/test_utils_grad_cache.py: 3.1e-6) with a margin.
+REL = 1e-5
 
 
 @pytest.mark.usefixtures("single_thread")
@@ -29,17 +35,15 @@ def test_training_forward_compiles_to_one_graph_and_equals_eager():
     images, tokens, pids = torch.randn(8, 3, 64, 32), random_caption_ids(8), torch.arange(8) % 4
     expected, got = eager(images, tokens, pids), compiled(images, tokens, pids)
     for name in ("image_features", "text_features", "loss"):
-        torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=1e-4, atol=1e-4, msg=name)
-    assert got.losses.keys() == expected.losses.keys()
-    for name in expected.losses:
-        torch.testing.assert_close(got.losses[name], expected.losses[name], rtol=1e-4, atol=1e-4, msg=name)
+        assert_close(getattr(got, name), getattr(expected, name), REL, what=name)
+    assert_each_close(got.losses, expected.losses, REL, what="losses")
     expected.loss.backward()
     got.loss.backward()
-    for (name, a), b in zip(eager.named_parameters(), model.parameters()):
-        if a.grad is not None:
-            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4, msg=name)
-    for (name, a), b in zip(eager.named_buffers(), model.buffers()):  # BN running statistics
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=name)
+    # Gradients per parameter; those whose exact value is 0 (a bias before BN) hold the others' rounding noise.
+    assert_each_close({name: p.grad for name, p in model.named_parameters() if p.grad is not None},
+                      {name: p.grad for name, p in eager.named_parameters() if p.grad is not None}, REL, floor=1e-3,
+                      what="grad")
+    assert_each_close(dict(model.named_buffers()), dict(eager.named_buffers()), REL, what="buffer")  # BN statistics
 
 
 @pytest.mark.usefixtures("single_thread")

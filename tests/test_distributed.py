@@ -23,6 +23,7 @@ from datasets.build import EvalData
 from models import CFine, CFineConfig
 from models.gather import GlobalBatchNorm1d, convert_to_global_bn, gather_batch
 from tests.conftest import REPO, TINY_TRAIN_FLAGS, random_caption_ids
+from tests.tolerance import assert_close, assert_each_close
 from utils import distributed
 from utils.checkpoint import load_checkpoint
 from utils.evaluation import encode_split
@@ -36,6 +37,9 @@ LR = 1e-4  # one SGD step at the authors' head learning rate: the update is -LR 
 # Per process batch 8 (global 16 on 2 ranks); eval batches of 4 split the 12 val images over both ranks.
 DDP_FLAGS = [*TINY_TRAIN_FLAGS, "--batch_size", "8", "--eval_batch_size", "4"]  # the last --batch_size wins
 TIMING_KEYS = ("seconds", "pairs_per_s", "checkpoint_s", "checkpoint_mib")
+# fp32 roundings of the split batch (gathers, Gloo's sums, other matrix shapes), relative to the largest entry
+# (tests/tolerance.py). Measured at most 2.4e-6 (features) and 3.8e-6 (gradients) over the CPU settings there.
+REL = 5e-5
 
 PROBE = """
 import os, sys
@@ -148,20 +152,10 @@ def _ddp_worker(rank: int, tmp: str):
         dist.destroy_process_group()
 
 
-def _assert_close_dicts(actual: dict, expected: dict, **tolerance):
-    assert actual.keys() == expected.keys()
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], msg=lambda m: f"{key}: {m}", **tolerance)
-
-
 def _assert_same_gradients(actual: dict, expected: dict):
-    """fp32 agreement per tensor: 1e-4 of its largest entry, plus a floor of 1e-6 of the largest gradient overall
+    """fp32 agreement per tensor relative to its largest entry, never less than 1e-3 of the largest gradient overall
     (for tensors whose exact gradient is 0, e.g. the MLP bias that BN cancels, and which hold rounding noise only)."""
-    assert actual.keys() == expected.keys()
-    floor = 1e-6 * max(float(g.abs().max()) for g in expected.values())
-    for key in expected:
-        atol = 1e-4 * float(expected[key].abs().max()) + floor
-        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=atol, msg=lambda m: f"{key}: {m}")
+    assert_each_close(actual, expected, REL, floor=1e-3, what="grad")
 
 
 @pytest.fixture(scope="module")
@@ -178,12 +172,12 @@ def test_gather_features_and_sync_bn_equal_one_process_on_the_concatenated_batch
     reference = _step(model, model, slice(0, 8), steps=STEPS[mode])
     for rank in range(WORLD):
         result = spawned[f"{mode}{rank}"]
-        torch.testing.assert_close(result["loss"], reference["loss"], rtol=1e-5, atol=1e-5)
+        assert_close(result["loss"], reference["loss"], REL)
         _assert_same_gradients(result["grads"], reference["grads"])
         # Updated parameters and BN running statistics (global-batch statistics on every rank).
-        _assert_close_dicts(result["state"], reference["state"], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(result["features"], reference["features"][rank * 4:rank * 4 + 4],
-                                   rtol=1e-5, atol=1e-5)
+        # Zero-initialised biases are -LR x their gradient after the step: rounding noise of the gradients' size.
+        assert_each_close(result["state"], reference["state"], REL, floor=1e-3, what="state")
+        assert_close(result["features"], reference["features"][rank * 4:rank * 4 + 4], REL)
     for key, value in spawned[f"{mode}0"]["state"].items():  # the replicas are identical, bit for bit
         assert torch.equal(value, spawned[f"{mode}1"]["state"][key]), key
 
@@ -196,7 +190,7 @@ def test_without_gather_each_rank_uses_its_own_batch_and_ddp_averages(spawned, m
         halves.append(_step(model, model, slice(rank * 4, rank * 4 + 4)))
     mean_grads = {k: (halves[0]["grads"][k] + halves[1]["grads"][k]) / 2 for k in halves[0]["grads"]}
     result = spawned[f"{mode}0"]
-    torch.testing.assert_close(result["loss"], (halves[0]["loss"] + halves[1]["loss"]) / 2, rtol=1e-5, atol=1e-5)
+    assert_close(result["loss"], (halves[0]["loss"] + halves[1]["loss"]) / 2, REL)
     _assert_same_gradients(result["grads"], mean_grads)
     for key, value in spawned[f"{mode}0"]["grads"].items():
         assert torch.equal(value, spawned[f"{mode}1"]["grads"][key]), key  # DDP's average reached both ranks
@@ -204,7 +198,7 @@ def test_without_gather_each_rank_uses_its_own_batch_and_ddp_averages(spawned, m
     for rank in range(WORLD):
         state = spawned[f"{mode}{rank}"]["state"]
         for name in ("head.image_bn.running_mean", "head.text_bn.running_var"):
-            torch.testing.assert_close(state[name], halves[rank]["state"][name], rtol=1e-5, atol=1e-6)
+            assert_close(state[name], halves[rank]["state"][name], REL, what=name)
     # The local objectives are a different training signal from the global batch's (the test above can fail).
     model = _model()
     whole = _step(model, model, slice(0, 8))

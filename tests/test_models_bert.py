@@ -12,8 +12,15 @@ from models.bert_tokenizer import authors_string, bert_tokenize
 from models.optim import parameter_groups
 from tests import cfine_reference as ref
 from tests.bert_fixtures import tiny_bert_config, write_bert_folder, write_vocab
+from tests.tolerance import assert_close, relative_error
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+# fp32 roundings in another summation order (our modules vs transformers', the loop reference), relative to the
+# largest entry (tests/tolerance.py). Measured at most 6.0e-7 over the CPU settings of tests/tolerance.py, and 5.1e-6
+# for the losses: the ranking loss sums margin - s_pos + s_neg over triplets, so similarities of order 1/tau cancel
+# to a loss of their own order.
+REL = 1e-5
+REL_LOSS = 1e-4
 
 SEP, CLS = 4, 3  # ids in tests/bert_fixtures.tiny_vocab()
 ADVERSARIAL = [
@@ -115,12 +122,12 @@ def test_bert_tokens_and_attention_row_equal_a_direct_bertmodel_call(bert_folder
     ours = model.encode_text_tokens(ids)
     with torch.no_grad():
         out = direct(input_ids=ids, attention_mask=(ids != 0).long(), output_attentions=True)
-    torch.testing.assert_close(ours.tokens, out.last_hidden_state, rtol=0, atol=1e-6)
-    torch.testing.assert_close(ours.global_attention, out.attentions[-1][:, :, 0].mean(dim=1), rtol=0, atol=1e-7)
+    assert_close(ours.tokens, out.last_hidden_state, REL)
+    assert_close(ours.global_attention, out.attentions[-1][:, :, 0].mean(dim=1), REL)
     assert ours.tokens.shape == (3, 100, 64) and ours.global_index.tolist() == [0, 0, 0]
     assert torch.equal(ours.padding_mask, ids == 0)
-    torch.testing.assert_close(ours.global_attention.sum(dim=1), torch.ones(3))  # eval: a true distribution
-    assert ours.global_attention[ids == 0].abs().max() < 1e-6  # [PAD] gets ~0 from the additive mask
+    assert_close(ours.global_attention.sum(dim=1), torch.ones(3), REL)  # eval: a true distribution
+    assert ours.global_attention[ids == 0].abs().max() < 1e-6  # [PAD] gets ~0 from the additive mask (rows sum to 1)
 
 
 def test_training_mode_selects_with_the_dropped_out_attention_row(bert_folder):
@@ -131,9 +138,9 @@ def test_training_mode_selects_with_the_dropped_out_attention_row(bert_folder):
     ours = model.encode_text_tokens(ids)
     torch.manual_seed(7)
     out = direct(input_ids=ids, attention_mask=(ids != 0).long(), output_attentions=True)
-    torch.testing.assert_close(ours.global_attention, out.attentions[-1][:, :, 0].mean(dim=1), rtol=0, atol=1e-6)
+    assert_close(ours.global_attention, out.attentions[-1][:, :, 0].mean(dim=1), REL)
     # Dropout acted: identical captions got different rows, and rows no longer sum to 1.
-    assert not torch.allclose(ours.global_attention[0], ours.global_attention[1])
+    assert relative_error(ours.global_attention[0], ours.global_attention[1]) > 1e-2
     assert (ours.global_attention.sum(dim=1) - 1).abs().max() > 1e-3
     # The head selects by that row: its group 1 equals the loop reference's picks from the same row.
     head = model.head
@@ -170,13 +177,12 @@ def test_bert_text_path_equals_the_loop_reference():
     img.tokens.grad, txt.tokens.grad = None, None
     expected = ref.head_losses(head, img, txt, pids)
     expected["loss"].backward()
-    close = dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.text_features, expected["text_features"], **close)
-    torch.testing.assert_close(out.image_features, expected["image_features"], **close)
+    assert_close(out.text_features, expected["text_features"], REL)
+    assert_close(out.image_features, expected["image_features"], REL)
     for part in ("cmpm", "cmpc", "diversity", "ranking"):
-        torch.testing.assert_close(out.losses[part], expected[part].detach(), **close)
-    torch.testing.assert_close(grads[0], img.tokens.grad, **close)
-    torch.testing.assert_close(grads[1], txt.tokens.grad, **close)
+        assert_close(out.losses[part], expected[part].detach(), REL_LOSS, what=part)
+    assert_close(grads[0], img.tokens.grad, REL)
+    assert_close(grads[1], txt.tokens.grad, REL)
     assert expected["ranking"] > 0  # triplets counted, so the ranking path was exercised
 
 
@@ -190,8 +196,8 @@ def test_bert_mode_image_tokens_are_clip_tokens_without_the_projection(bert_fold
     images = torch.randn(2, 3, 64, 32)
     ours, projected = model.encode_image_tokens(images), full.encode_image_tokens(images)
     assert ours.tokens.shape[-1] == 64
-    torch.testing.assert_close(ours.tokens @ full.visual.proj, projected.tokens, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours.global_attention, projected.global_attention)
+    assert_close(ours.tokens @ full.visual.proj, projected.tokens, REL)
+    assert_close(ours.global_attention, projected.global_attention, REL)
 
 
 def test_bert_mode_optimiser_groups_and_widths(bert_folder):
@@ -222,7 +228,7 @@ def test_bert_config_round_trips_through_a_dict(bert_folder):
     ids = model.tokenize(["a girl in a green jacket"])
     assert torch.equal(ids, again.tokenize(["a girl in a green jacket"]))
     model.eval(), again.eval()
-    torch.testing.assert_close(again.encode_texts(ids), model.encode_texts(ids))
+    assert_close(again.encode_texts(ids), model.encode_texts(ids), REL)
 
 
 def test_overlong_captions_warn_when_asked(bert_folder):

@@ -6,6 +6,7 @@ from clip.model import CLIPConfig
 from models import CFineConfig, CFineHead
 from models.similarity import cross_grained_similarity, fine_grained_similarity
 from tests import cfine_reference as ref
+from tests.tolerance import assert_close, assert_each_close
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -13,8 +14,17 @@ WIDTH, IMAGE_TOKENS, TEXT_LENGTH = 64, 50, 77
 PARTS = ("cmpm", "cmpc", "diversity", "ranking")
 
 
+# fp32 roundings in another summation order, relative to the largest entry (tests/tolerance.py). Measured at most,
+# over the CPU settings of tests/tolerance.py: 8.7e-7 for features and similarities; 1.5e-6 for the losses (the
+# ranking loss sums margin - s_pos + s_neg over triplets: similarities of order 1/tau cancel to a loss of their own
+# order); 1.4e-6 for the gradients, scaled as below.
+REL = 1e-5
+REL_LOSS = 2e-5
+REL_GRAD = 2e-5
+
+
 def _close(actual, expected):
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert_close(actual, expected, REL)
 
 
 def _head(seed=0, num_classes=6):
@@ -53,13 +63,14 @@ def test_head_matches_loop_reference_values_and_gradients():
     _close(out.image_features, reference["image_features"])
     _close(out.text_features, reference["text_features"])
     for name in PARTS:
-        _close(out.losses[name], reference[name].detach())
+        assert_close(out.losses[name], reference[name].detach(), REL_LOSS, what=name)
     assert reference["ranking"] > 0  # the triplet path is exercised, not only the fallback
     params = [p for p in head.parameters() if p.requires_grad]
     grads = torch.autograd.grad(out.loss, [image.tokens, text.tokens, *params])
     ref_grads = torch.autograd.grad(reference["loss"], [image_r.tokens, text_r.tokens, *params])
-    for a, b in zip(grads, ref_grads):
-        _close(a, b)
+    # A gradient inherits the rounding error of the larger activations and gradients upstream: each is scaled by at
+    # least 1/10 of the largest gradient (the MLP bias before BN has an exact gradient of 0, BN cancels it: noise only).
+    assert_each_close(grads, ref_grads, REL_GRAD, floor=1e-1)
 
 
 def test_training_similarity_matches_reference():
@@ -116,7 +127,7 @@ def test_bf16_autocast_losses_close_to_fp32_with_finite_gradients(seed):
         mixed = head(image, text, pids)
     assert mixed.loss.dtype == torch.float32
     for name in PARTS:
-        torch.testing.assert_close(mixed.losses[name], fp32.losses[name], rtol=1e-2, atol=0)
+        assert_close(mixed.losses[name], fp32.losses[name], 1e-3, what=name)  # measured at most 8.7e-5
     mixed.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
 

@@ -6,10 +6,15 @@ from models.classifier import CMPCClassifier
 from models.mgf import ResidualCrossAttentionBlock, local_global_features, mgf_heads
 from models.selection import text_padding_mask
 from tests import cfine_reference as ref
+from tests.tolerance import assert_close, assert_each_close, relative_error
+
+# fp32 roundings in another summation order, relative to the largest entry (tests/tolerance.py); measured at most
+# 5.2e-7 (the block's gradients) over the CPU settings of tests/tolerance.py.
+REL = 1e-5
 
 
 def _close(actual, expected):
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert_close(actual, expected, REL)
 
 
 def _block(width=32, heads=2, seed=0):
@@ -35,8 +40,7 @@ def test_block_first_position_matches_the_full_spec_block_per_sample_with_key_pa
     params = list(block.parameters())
     grads = torch.autograd.grad(out.pow(2).sum(), [x, memory, *params])
     ref_grads = torch.autograd.grad(expected.pow(2).sum(), [x, memory, *params])
-    for a, b in zip(grads, ref_grads):
-        _close(a, b)
+    assert_each_close(grads, ref_grads, REL, floor=1e-3)
 
 
 def test_masked_keys_do_not_influence_the_output():
@@ -45,7 +49,7 @@ def test_masked_keys_do_not_influence_the_output():
     mask = text_padding_mask(torch.tensor([5, 8]), 12)
     changed = memory.masked_fill(mask.unsqueeze(-1), 100.0)
     _close(block(x, changed, mask), block(x, memory, mask))
-    assert not torch.allclose(block(x, changed), block(x, memory))  # without the mask they would
+    assert relative_error(block(x, changed), block(x, memory)) > 1e-2  # without the mask they would
 
 
 def test_local_global_features_run_both_groups_through_one_shared_block():

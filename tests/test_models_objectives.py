@@ -5,10 +5,15 @@ import torch
 
 from models.objectives import cmpc_loss, cmpm_loss, diversity_loss, ranking_loss
 from tests import cfine_reference as ref
+from tests.tolerance import assert_close, assert_each_close
+
+# fp32 roundings relative to the largest entry (tests/tolerance.py); the hand-computed values are float64. Measured
+# at most 6.2e-7 over the CPU settings of tests/tolerance.py.
+REL = 1e-5
 
 
 def _close(actual, expected):
-    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), rtol=1e-5, atol=1e-5)
+    assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), REL)
 
 
 def _leaves(*shapes, seed=0):
@@ -53,8 +58,7 @@ def test_cmpm_matches_reference_values_and_gradients():
     pids = torch.tensor([0, 1, 1, 2, 3, 3, 3])
     vectorised, reference = cmpm_loss(img, txt, pids), ref.cmpm(img, txt, pids)
     _close(vectorised, reference)
-    for a, b in zip(torch.autograd.grad(vectorised, (img, txt)), torch.autograd.grad(reference, (img, txt))):
-        _close(a, b)
+    assert_each_close(torch.autograd.grad(vectorised, (img, txt)), torch.autograd.grad(reference, (img, txt)), REL)
 
 
 # ------------------------------------------------------------------ CMPC
@@ -77,8 +81,7 @@ def test_cmpc_matches_reference_values_and_gradients():
     vectorised, reference = cmpc_loss(img, txt, pids, weight), ref.cmpc(img, txt, pids, weight)
     _close(vectorised, reference)
     inputs = (img, txt, weight)
-    for a, b in zip(torch.autograd.grad(vectorised, inputs), torch.autograd.grad(reference, inputs)):
-        _close(a, b)
+    assert_each_close(torch.autograd.grad(vectorised, inputs), torch.autograd.grad(reference, inputs), REL)
 
 
 # ------------------------------------------------------------------ diversity

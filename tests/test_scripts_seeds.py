@@ -4,6 +4,8 @@ import statistics
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, TINY_TRAIN_FLAGS
 
 
@@ -24,7 +26,8 @@ def test_two_seeds_train_test_and_summarise(processed_root, tmp_path):
         assert json.loads((out / f"seed_{seed}" / "config.json").read_text())["args"]["seed"] == seed
     r1 = [per_seed[s]["t2i"]["R1"] for s in (3, 4)]
     assert report["summary"]["R1"]["mean"] == statistics.fmean(r1)
-    assert abs(report["summary"]["R1"]["std"] - abs(r1[0] - r1[1]) / 2**0.5) < 1e-9
+    # Python floats, relative: the sample std of two values is |a - b| / sqrt(2) up to a few roundings (0 when equal).
+    assert report["summary"]["R1"]["std"] == pytest.approx(abs(r1[0] - r1[1]) / 2**0.5, rel=1e-12)
     table = (out / "seeds.md").read_text()
     assert "| 3 |" in table and "| 4 |" in table and "mean ± std" in table
 

@@ -12,6 +12,7 @@ from clip.model import TokenFeatures
 from models.cfine import CFine
 from models.config import CFineConfig
 from tests.conftest import random_caption_ids
+from tests.tolerance import assert_close, assert_each_close, relative_errors, skip_bf16_attention_if_forced_default
 from utils import grad_cache
 from utils.grad_cache import forward_backward
 from utils.training import autocast
@@ -59,21 +60,17 @@ def step(model: CFine, data, chunk_size=None, amp="off", scale=lambda loss: loss
     return out.loss.detach().float(), grads, {k: v.clone() for k, v in model.named_buffers()}
 
 
-def relative_errors(actual: dict, expected: dict) -> dict[str, float]:
-    """Per tensor: max |actual - expected| / max |expected|; a tensor whose exact gradient is 0 (the MGF key bias,
-    the bias before a BN) is measured against the largest gradient of all, since it holds rounding noise only."""
-    assert actual.keys() == expected.keys()
-    overall = max(float(g.abs().max()) for g in expected.values())
-    return {name: float((actual[name].float() - g.float()).abs().max()) / max(float(g.abs().max()), 1e-3 * overall)
-            for name, g in expected.items()}
+# A tensor whose exact gradient is 0 (the MGF key bias, the bias before a BN) holds rounding noise only: it is
+# measured against 1e-3 of the largest gradient of all (tests/tolerance.py).
+FLOOR = 1e-3
 
 
-def assert_same_step(chunked, whole, tolerance=1e-5):
-    loss_error = abs(float(chunked[0] - whole[0])) / abs(float(whole[0]))
-    errors = relative_errors(chunked[1], whole[1])
-    worst = max(errors, key=errors.get)
-    assert loss_error <= tolerance, f"loss: {loss_error:.2e}"
-    assert errors[worst] <= tolerance, f"{worst}: {errors[worst]:.2e}"
+def assert_same_step(chunked, whole, tolerance=5e-5):
+    """Loss and every gradient within `tolerance` of the whole-batch step's, relative (fp32 roundings of other
+    summation orders: the chunks are other matrix shapes; measured at most 3.1e-6 over the CPU settings of
+    tests/tolerance.py)."""
+    assert_close(chunked[0], whole[0], tolerance, what="loss")
+    assert_each_close(chunked[1], whole[1], tolerance, floor=FLOOR, what="grad")
 
 
 # ---------------------------------------------------------------- exactness in fp32
@@ -86,8 +83,9 @@ def test_clip_mode_chunked_step_equals_the_whole_batch_step(chunk_size):
     whole = step(copy.deepcopy(model), data)  # copies: BN statistics start equal and are updated once each
     chunked = step(copy.deepcopy(model), data, chunk_size)
     assert_same_step(chunked, whole)
-    for name, value in whole[2].items():  # BN running statistics: the head saw the whole batch once
-        assert torch.equal(chunked[2][name], value), name
+    # BN running statistics: the head saw the whole batch once (its features encoded in chunks: other matrix shapes,
+    # so fp32 roundings, and MKL's AVX2 kernels do round them differently; relative to each statistic's largest entry).
+    assert_each_close(chunked[2], whole[2], 1e-6, what="buffer")  # measured at most 9.9e-8
 
 
 def test_the_exactness_check_can_fail():
@@ -150,14 +148,15 @@ def test_the_rng_goes_on_as_after_one_encoding_per_chunk():
 def assert_as_close_to_fp32(chunked, whole, fp32):
     """Reduced precision: the chunked step's gradients are as far from fp32's as the whole-batch step's (10% margin:
     the same roundings in another order; measured 0.99x for bf16 and 1.001x for fp16)."""
-    whole_error = max(relative_errors(whole[1], fp32[1]).values())  # what the precision itself costs
-    chunked_error = max(relative_errors(chunked[1], fp32[1]).values())
+    whole_error = max(relative_errors(whole[1], fp32[1], FLOOR).values())  # what the precision itself costs
+    chunked_error = max(relative_errors(chunked[1], fp32[1], FLOOR).values())
     assert 1e-3 < whole_error < 0.5  # reduced precision did run, and it is not broken
     assert chunked_error <= 1.1 * whole_error, (chunked_error, whole_error)
     loss_error = abs(float(whole[0] - fp32[0]))
     assert abs(float(chunked[0] - fp32[0])) <= 1.1 * loss_error + 1e-6 * abs(float(fp32[0]))
 
 
+@skip_bf16_attention_if_forced_default
 def test_bf16_chunked_step_is_as_close_to_fp32_as_the_whole_bf16_step():
     model = clip_model()
     data = batch(model)
