@@ -39,7 +39,8 @@ DDP_FLAGS = [*TINY_TRAIN_FLAGS, "--batch_size", "8", "--eval_batch_size", "4"]  
 TIMING_KEYS = ("seconds", "pairs_per_s", "checkpoint_s", "checkpoint_mib")
 # fp32 roundings of the split batch (gathers, Gloo's sums, other matrix shapes), relative to the largest entry
 # (tests/tolerance.py). Measured at most 2.4e-6 (features) and 3.8e-6 (gradients) over the CPU settings there.
-REL = 5e-5
+REL = 3e-5
+REL_GRAD = 5e-5
 
 PROBE = """
 import os, sys
@@ -155,7 +156,7 @@ def _ddp_worker(rank: int, tmp: str):
 def _assert_same_gradients(actual: dict, expected: dict):
     """fp32 agreement per tensor relative to its largest entry, never less than 1e-3 of the largest gradient overall
     (for tensors whose exact gradient is 0, e.g. the MLP bias that BN cancels, and which hold rounding noise only)."""
-    assert_each_close(actual, expected, REL, floor=1e-3, what="grad")
+    assert_each_close(actual, expected, REL_GRAD, floor=1e-3, what="grad")
 
 
 @pytest.fixture(scope="module")
