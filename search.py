@@ -112,7 +112,7 @@ def encode_files(model, paths: list[Path], mean_std: str, device: torch.device, 
 
 def build_index(args: argparse.Namespace) -> int:
     """`index`: encode what is new or changed under --images, reuse the rest, write --out atomically."""
-    root, device = Path(args.images), torch.device(args.device or default_device())
+    root, device = Path(args.images), torch.device(args.device)
     if not root.is_dir():
         raise SystemExit(f"--images {root}: no such folder")
     try:
@@ -162,8 +162,7 @@ def query_index(args: argparse.Namespace) -> int:
     if any(not s.strip() for s in args.sentences):
         raise SystemExit("query: a SENTENCE is empty; describe the person to find")
     try:
-        search = load_text_search(args.index, torch.device(args.device or default_device()), args.checkpoint,
-                                  args.threads)
+        search = load_text_search(args.index, torch.device(args.device), args.checkpoint, args.threads)
         results = search.search(args.sentences, args.top_k)
     except (CheckpointFileError, SearchIndexError) as error:
         raise SystemExit(str(error)) from None
@@ -189,8 +188,7 @@ def query_index(args: argparse.Namespace) -> int:
 def serve_index(args: argparse.Namespace) -> int:
     """`serve`: the search page on host:port until Ctrl-C."""
     try:
-        search = load_text_search(args.index, torch.device(args.device or default_device()), args.checkpoint,
-                                  args.threads)
+        search = load_text_search(args.index, torch.device(args.device), args.checkpoint, args.threads)
     except (CheckpointFileError, SearchIndexError) as error:
         raise SystemExit(str(error)) from None
     try:
@@ -213,6 +211,7 @@ def serve_index(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    args.device = args.device or default_device()  # decided after parsing: --help needs no torch
     return {"index": build_index, "query": query_index, "serve": serve_index}[args.command](args)
 
 

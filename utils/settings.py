@@ -105,7 +105,7 @@ class Setting:
 _LOSS = "CFine loss weights (defaults: the authors'; for ablations and the from-scratch demo)"
 _DDP = "several processes (torchrun); no effect in a single process"
 
-# The defaults are the authors' recipe (the authors' CUHK-PEDES run, docs/method.md §6).
+# The defaults are the authors' CUHK-PEDES recipe (docs/method.md §6).
 TRAIN_SETTINGS = (
     Setting("config", None, role=COMMAND, help="JSON file of settings that differ from the defaults; flags override it"),
     Setting("dataset", "CUHK-PEDES", choices=tuple(BENCHMARKS)),
