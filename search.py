@@ -5,7 +5,7 @@
     python search.py serve --index photos.index          # then open http://127.0.0.1:8000/
 `index` encodes every image under the folder once; a rerun encodes only new or changed files and drops
 deleted ones. `query` and `serve` encode the sentence with the index's checkpoint and rank every indexed
-image exactly, as test.py ranks a split's gallery (utils/gallery_search.py, utils/text_search.py).
+image exactly, as test.py ranks a split's gallery (retrieval/ranking.py, retrieval/text_search.py).
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import json
 import sys
 from pathlib import Path
 
-from utils.settings import default_device
+from engine.settings import AMP_MODES, default_device
 
 SHOWN = 10  # unreadable images listed by name; the rest are counted
 THREADS_HELP = ("CPU threads scanning the features (default 1: more help on an idle many-core machine and "
-                "can be much slower on a busy one; see utils/gallery_search.py)")
+                "can be much slower on a busy one; see retrieval/ranking.py)")
 DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)"
 
 
@@ -40,7 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     index.add_argument("--images", required=True, help="folder searched recursively for jpg/jpeg/png/bmp/webp files")
     index.add_argument("--out", default="search_index", help="index folder to create or update (default: search_index)")
     index.add_argument("--device", help=DEVICE_HELP)
-    index.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    index.add_argument("--amp", default="auto", choices=AMP_MODES)
     index.add_argument("--batch_size", type=positive_int, default=128)
     index.add_argument("--workers", type=int, default=None, help="image loading processes (default: cores - 1, at most 8)")
     index.add_argument("--no_progress", action="store_true")
@@ -76,16 +76,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets.build import default_workers
-from datasets.image_folder import ImageFiles, collate_readable, scan_image_folder
 from datasets.transforms import ResizeToUint8, to_model_input
+from evaluation.visualize import ranking_page
 from models.cfine import retrieval_features
-from utils.checkpoint import CheckpointFileError, load_model
-from utils.search_index import FEATURE, SearchIndexError, checkpoint_identity, gather_rows, open_for_update, write_index
-from utils.search_page import MAX_K
-from utils.search_server import SearchServer
-from utils.text_search import load_text_search
-from utils.training import autocast, resolve_amp
-from utils.visualize import ranking_page
+from models.checkpoint import CheckpointError, load_model
+from models.precision import autocast, resolve_amp
+from retrieval.image_folder import ImageFiles, collate_readable, scan_image_folder
+from retrieval.index import FEATURE, SearchIndexError, checkpoint_identity, gather_rows, open_for_update, write_index
+from retrieval.page import MAX_K
+from retrieval.server import SearchServer
+from retrieval.text_search import load_text_search
 
 
 @torch.no_grad()
@@ -119,7 +119,7 @@ def build_index(args: argparse.Namespace) -> int:
         model, state = load_model(args.checkpoint, device)
         identity = checkpoint_identity(args.checkpoint)
         old = open_for_update(args.out, root, identity)
-    except (CheckpointFileError, SearchIndexError) as error:
+    except (CheckpointError, SearchIndexError) as error:
         raise SystemExit(str(error)) from None
     images, left_out = scan_image_folder(root)
     if not images and old is None:
@@ -164,7 +164,7 @@ def query_index(args: argparse.Namespace) -> int:
     try:
         search = load_text_search(args.index, torch.device(args.device), args.checkpoint, args.threads)
         results = search.search(args.sentences, args.top_k)
-    except (CheckpointFileError, SearchIndexError) as error:
+    except (CheckpointError, SearchIndexError) as error:
         raise SystemExit(str(error)) from None
     root, total = search.index.image_root, len(search.index.images)
     for sentence, hits in zip(args.sentences, results):
@@ -189,7 +189,7 @@ def serve_index(args: argparse.Namespace) -> int:
     """`serve`: the search page on host:port until Ctrl-C."""
     try:
         search = load_text_search(args.index, torch.device(args.device), args.checkpoint, args.threads)
-    except (CheckpointFileError, SearchIndexError) as error:
+    except (CheckpointError, SearchIndexError) as error:
         raise SystemExit(str(error)) from None
     try:
         server = SearchServer((args.host, args.port), search)

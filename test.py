@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from utils.settings import TABLE, Setting, default_device, flag_type
+from engine.settings import AMP_MODES, TABLE, Setting, default_device, flag_type
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", "--output-dir", help="default: <checkpoint folder>/eval_<split>")
     parser.add_argument("--device", type=flag_type(TABLE["device"]),
                         help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    parser.add_argument("--amp", default="auto", choices=AMP_MODES)
     parser.add_argument("--compile", default="off", type=flag_type(TABLE["compile"]), metavar="BACKEND",
                         help="torch.compile the encoders: off, inductor or aot_eager")
     parser.add_argument("--batch_size", "--batch-size", type=flag_type(Setting("batch_size", 128, int, minimum=1)),
@@ -48,17 +48,17 @@ if __name__ == "__main__":
 import torch
 
 from datasets.base import DataError
-from datasets.build import available_splits, build_eval_data
+from datasets.build import available_splits, build_eval_data, loader_workers
 from datasets.processed import check_same_data
+from engine.environment import machine
+from evaluation.curves import plot_training_curves
+from evaluation.encode import encode_split, format_table, score_split
+from evaluation.visualize import ranking_page
 from models.cfine import retrieval_features
+from models.checkpoint import CheckpointError, load_model
+from models.precision import resolve_amp
 from utils import distributed
-from utils.checkpoint import CheckpointFileError, load_model
-from utils.curves import plot_training_curves
-from utils.environment import machine
-from utils.evaluation import encode_split, format_table, score_split
 from utils.files import check_writable_folder, write_json
-from utils.training import resolve_amp
-from utils.visualize import ranking_page
 
 
 def visualize(encoded, data, out_dir: Path, count: int, top: int = 10) -> list[Path]:
@@ -90,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
     info, device = distributed.init_distributed(args.device or default_device())
     try:
         model, state = load_model(args.checkpoint, device)
-    except CheckpointFileError as error:
+    except CheckpointError as error:
         raise SystemExit(str(error)) from None
     train_args = state.get("args", {})
     dataset = args.dataset or train_args.get("dataset")
@@ -98,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
     processed = Path(data_root) / dataset
     amp = resolve_amp(args.amp, device)
     image_size = tuple(model.config.clip.vision.image_size)
-    workers = distributed.loader_workers(args.workers, info)
+    workers = loader_workers(args.workers, info.local_world_size)
     out_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent / f"eval_{args.split}"
     if info.is_main:  # before the evaluation, not after it
         try:

@@ -5,7 +5,7 @@
     python train.py --resume runs/cuhk/last.pt --epochs 60  # ... and extend it to 60 epochs
     torchrun --standalone --nproc_per_node 4 train.py --config configs/cuhk_pedes.json --batch_size 8
 
-Every setting, what it allows, its default and what --resume does with it: utils/settings.py.
+Every setting, what it allows, its default and what --resume does with it: engine/settings.py.
 A new run needs an empty --output_dir (or --overwrite).
 """
 from __future__ import annotations
@@ -21,14 +21,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils import settings
+from engine import settings
 
 # What --overwrite deletes (and tb/'s event files); train.log is started afresh.
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "environment.json", "held_out_ids.json")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    """Flags built from utils/settings.py's table (TRAIN_SETTINGS)."""
+    """Flags built from engine/settings.py's table (TRAIN_SETTINGS)."""
     return settings.get_args_parser("Train CFine (text-to-image person retrieval)")
 
 
@@ -47,23 +47,25 @@ from tqdm import tqdm
 
 import clip
 from datasets.base import DataError
-from datasets.build import EvalData, available_splits, build_eval_data, build_train_loader
+from datasets.build import EvalData, available_splits, build_eval_data, build_train_loader, loader_workers
 from datasets.holdout import carve_validation_ids
 from datasets.processed import check_same_data, data_identity, load_split
 from datasets.transforms import to_model_input
+from engine import run_log
+from engine.control import StopRequest, TrainingStopped, rng_state, seed_everything, set_rng_state
+from engine.environment import record_environment
+from engine.grad_cache import forward_backward
+from engine.step_guard import StepGuard, TrainingDiverged
+from evaluation.encode import encode_split, score_split
 from models.cfine import CFine
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.config import CFineConfig
 from models.gather import convert_to_global_bn
 from models.optim import build_optimizer
+from models.precision import autocast, compiled, resolve_amp
 from models.tokenization import CaptionTokenizer, caption_tokenizer
-from utils import distributed, run_log
-from utils.checkpoint import CheckpointFileError, load_checkpoint, save_checkpoint
-from utils.environment import record_environment
-from utils.evaluation import encode_split, score_split
+from utils import distributed
 from utils.files import atomic_write, check_writable_folder, folder_contents, remove_stale_temp_files, write_json
-from utils.grad_cache import forward_backward
-from utils.step_guard import StepGuard, TrainingDiverged
-from utils.training import StopRequest, TrainingStopped, autocast, compiled, resolve_amp, rng_state, seed_everything, set_rng_state
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> CFine:
@@ -101,7 +103,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> CFine:
 
 def load_bert_for_training(folder: str):
     """(pretrained BertModel, vocab.txt's text, CFineConfig's text fields) from a --bert folder; clear errors."""
-    from models.bert_text import BertFolderError, load_pretrained_bert, read_vocabulary  # bert mode only
+    from models.text_encoders.bert import BertFolderError, load_pretrained_bert, read_vocabulary  # bert mode only
 
     try:
         weights, architecture = load_pretrained_bert(folder)
@@ -118,7 +120,7 @@ def run_tokenizer(args: argparse.Namespace, resumed: dict | None) -> CaptionToke
         return caption_tokenizer(config.text_encoder, resumed.get("text_vocab"), config.bert_lower_case,
                                  config.bert_max_length)
     if args.text_encoder == "bert":
-        from models.bert_text import BertFolderError, read_vocabulary  # bert mode only
+        from models.text_encoders.bert import BertFolderError, read_vocabulary  # bert mode only
 
         try:
             return caption_tokenizer("bert", *read_vocabulary(args.bert))
@@ -160,7 +162,7 @@ def build_data(args: argparse.Namespace, info: distributed.DistInfo, tokenizer: 
                resumed: dict | None = None) -> TrainData:
     """Training pairs of --dataset (held-out ids left out) and the split that selects best.pt (selection_split)."""
     processed = Path(args.data_root) / args.dataset
-    workers = distributed.loader_workers(args.workers, info)
+    workers = loader_workers(args.workers, info.local_world_size)
     try:
         eval_split, held_out = selection_split(args, processed, resumed)
         if eval_split == "val_carved" and not held_out:
@@ -203,11 +205,11 @@ class RunState:
 
 
 def read_resume(args: argparse.Namespace) -> dict:
-    """The checkpoint to continue; args take its settings (utils/settings.py says which and how)."""
+    """The checkpoint to continue; args take its settings (engine/settings.py says which and how)."""
     try:
         state = load_checkpoint(args.resume)
         settings.apply_checkpoint(args, state["args"], args.resume)
-    except CheckpointFileError as error:
+    except CheckpointError as error:
         raise SystemExit(f"--resume: {error}") from None
     except settings.SettingError as error:
         raise SystemExit(f"train.py: error: {error}") from None
@@ -304,8 +306,8 @@ def save_files(output_dir: Path, state: dict, *, best: bool = False, history: li
                                checkpoint_mib=round((output_dir / "last.pt").stat().st_size / 2**20, 1))
         if history is not None:
             atomic_write(output_dir / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in history).encode()))
-    except (CheckpointFileError, OSError) as error:
-        raise SystemExit(f"{error}" if isinstance(error, CheckpointFileError) else
+    except (CheckpointError, OSError) as error:
+        raise SystemExit(f"{error}" if isinstance(error, CheckpointError) else
                          f"{output_dir / 'metrics.jsonl'}: could not be written ({error}); free disk space") from None
 
 
@@ -359,7 +361,7 @@ def train_one_epoch(model, loader, optimizer, scaler, guard: StepGuard, stop: St
                     epoch: int, start_step: int, progress: bool, chunk_size: int | None = None) -> dict:
     """One pass over the epoch's remaining batches: {"losses": parts averaged over kept steps and ranks, "pairs"}.
 
-    chunk_size: gradient caching (utils/grad_cache.py), the same step with encoder memory for that many pairs.
+    chunk_size: gradient caching (engine/grad_cache.py), the same step with encoder memory for that many pairs.
 
     A step whose loss or updated weights are not finite is undone by the guard (TrainingDiverged after too many
     in a row); a stop request ends the epoch after the current step with TrainingStopped.

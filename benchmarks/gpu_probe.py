@@ -30,12 +30,12 @@ import train  # noqa: E402
 from benchmarks.train_throughput import random_ids  # noqa: E402
 from clip.config import CLIPConfig  # noqa: E402
 from datasets.transforms import to_model_input  # noqa: E402
+from engine.grad_cache import forward_backward  # noqa: E402
+from evaluation.metrics import evaluate_retrieval  # noqa: E402
 from models.cfine import CFine, retrieval_features  # noqa: E402
 from models.config import CFineConfig  # noqa: E402
 from models.optim import build_optimizer  # noqa: E402
-from utils.grad_cache import forward_backward  # noqa: E402
-from utils.metrics import evaluate_retrieval  # noqa: E402
-from utils.training import autocast  # noqa: E402
+from models.precision import autocast  # noqa: E402
 
 CUHK_TEST = {"images": 3074, "captions": 6156, "ids": 1000}
 NUM_CLASSES = 11003  # CUHK-PEDES training identities

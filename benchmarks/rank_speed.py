@@ -1,4 +1,4 @@
-"""Time and peak memory of utils.metrics.evaluate_ranking against the full-matrix argsort baseline.
+"""Time and peak memory of evaluation.metrics.evaluate_ranking against the full-matrix argsort baseline.
 
 Default size is the ICFG-PEDES test split (19,848 captions x 19,848 images, 1,000 identities); the
 similarity comes from synthetic identity-clustered features so the ranks look like a real model's.
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from utils.metrics import evaluate_ranking
+from evaluation.metrics import evaluate_ranking
 
 
 def get_args_parser():

@@ -1,4 +1,4 @@
-"""Queries/s and peak memory of the exact search (utils.gallery_search.top_k) on memory-mapped fp16 galleries.
+"""Queries/s and peak memory of the exact search (retrieval.ranking.top_k) on memory-mapped fp16 galleries.
 
     python -m benchmarks.search_speed                      # 10^4, 10^5, 10^6 images x 1536 (CLIP ViT-B/16's 3 x 512)
     python -m benchmarks.search_speed --sizes 10000 100000 --dim 1536 --device cpu
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from benchmarks.rank_speed import PeakRSS
-from utils.gallery_search import top_k
+from retrieval.ranking import top_k
 
 MIB = 2**20
 

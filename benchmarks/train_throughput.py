@@ -39,17 +39,18 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clip.config import CLIPConfig  # noqa: E402
 from clip.model import TokenFeatures  # noqa: E402
+from engine.grad_cache import forward_backward  # noqa: E402
+from engine.settings import AMP_MODES  # noqa: E402
+from engine.step_guard import StepGuard  # noqa: E402
 from models.cfine import CFine  # noqa: E402
 from models.config import CFineConfig  # noqa: E402
 from models.optim import build_optimizer  # noqa: E402
-from utils.grad_cache import forward_backward  # noqa: E402
-from utils.step_guard import StepGuard  # noqa: E402
-from utils.training import autocast, resolve_amp  # noqa: E402
+from models.precision import autocast, resolve_amp  # noqa: E402
 
 AUTHORS_PAIRS_PER_S = 71.0
 GPU_GIB = (8, 16, 24, 80)  # the table's GPU sizes, GiB
 # Between steps each trainable fp32 parameter holds: weight 4, gradient 4, Adam's two moments 8, and StepGuard's
-# copies of the weight and the moments 12 bytes (utils/step_guard.py).
+# copies of the weight and the moments 12 bytes (engine/step_guard.py).
 STATE_BYTES_PER_PARAM = 28
 
 
@@ -60,7 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image_size", "--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
                         help="default 224 224 for vit_b16, 64 32 for tiny")
     parser.add_argument("--batch", type=int, default=64 if cuda else 32)
-    parser.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
+    parser.add_argument("--amp", choices=AMP_MODES, default="auto")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup steps)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--num_classes", "--num-classes", type=int, default=11003)
@@ -83,7 +84,7 @@ def build(args: argparse.Namespace, text_encoder: str, size: tuple[int, int]) ->
         return CFine(CFineConfig(clip=clip_config, num_classes=args.num_classes))
     import transformers
 
-    from models.bert_text import architecture
+    from models.text_encoders.bert import architecture
 
     if args.arch == "vit_b16":
         bert = transformers.BertConfig()  # bert-base-uncased's shape

@@ -1,7 +1,6 @@
 """Build CLIP from a state dict and load OpenAI's released checkpoints (TorchScript or plain state dicts)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -12,6 +11,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from utils.errors import CheckpointError
+from utils.files import sha256_file
 
 from .config import CLIPConfig, TextConfig, VisionConfig
 from .model import CLIP
@@ -31,8 +33,6 @@ _HINT_KEYS = ("quick_gelu", "model_cfg", "model_config", "model_name", "arch")
 _OPEN_CLIP_NAME = re.compile(r"^ViT-[A-Za-z]+-\d+")  # open_clip's config names ("ViT-B-16"); OpenAI's use "/"
 
 
-class CheckpointError(RuntimeError):
-    """A CLIP checkpoint that cannot be used; the message names the file and the problem."""
 
 
 def default_cache_dir() -> Path:
@@ -202,13 +202,6 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """SHA256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download(name: str, root: str | os.PathLike | None = None) -> Path:

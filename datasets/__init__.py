@@ -1,6 +1,6 @@
 """Benchmark parsers, data preparation, synthetic pedestrians and loaders.
 
-Kept import-light (no torch) so `python -m datasets.prepare` and `datasets.synthetic` start fast.
+Kept import-light (no torch) so `python -m datasets.prepare` and `datasets.synthetic.generate` start fast.
 """
 from datasets import cuhkpedes, icfgpedes, rstpreid
 

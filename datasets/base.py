@@ -6,9 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class DataError(Exception):
-    """A problem with the user's data; the message says what, where and how to fix it."""
+from utils.errors import DataError
 
 
 @dataclass(frozen=True)

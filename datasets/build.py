@@ -31,6 +31,13 @@ def default_workers(processes: int = 1) -> int:
     return max(0, usable_cpus() // processes - 1)
 
 
+def loader_workers(requested: int | None, processes: int = 1) -> int | None:
+    """--workers as given; by default (None) with several training processes on the node, its cores shared among them."""
+    if requested is not None or processes == 1:
+        return requested  # None: the loaders' own default (the node's cores minus one)
+    return default_workers(processes=processes)
+
+
 def flip_coin(seed: int, epoch: int, index: int) -> bool:
     """Horizontal flip of training sample `index` in `epoch`: a pure function (hash) of its arguments."""
     return hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=1).digest()[0] & 1 == 1
@@ -95,7 +102,7 @@ class EvalData:
     query_tokens: torch.Tensor  # (Q, L) long: 77 CLIP ids, or 100 BERT ids
     query_pids: torch.Tensor  # (Q,) long
     query_captions: list[str]
-    # This process's share of the gallery under torchrun (utils.evaluation), made once so its workers persist.
+    # This process's share of the gallery under torchrun (evaluation.encode), made once so its workers persist.
     gallery_shard: DataLoader | None = field(default=None, repr=False)
 
 

@@ -15,12 +15,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clip.loading import sha256_file
 from datasets import BENCHMARKS, PARSERS
 from datasets.base import DataError, Parsed
-from datasets.files import remove_stale_folders, write_atomically
 from datasets.images import ImageReport, check_images, usable_cpus
 from datasets.validate import RecordReport, clean_records, describe_indices
+from utils.files import remove_stale_folders, sha256_file, write_atomically
 
 FORMAT_VERSION = 1
 SPLIT_ORDER = ("train", "val", "test")

@@ -37,7 +37,7 @@ class CFine(nn.Module):
         self.config = config
         self.clip = CLIP(config.clip)
         if config.text_encoder == "bert":
-            from .bert_text import build_bert  # only bert mode needs `transformers`
+            from .text_encoders.bert import build_bert  # only bert mode needs `transformers`
 
             if text_vocab is None:
                 raise ValueError("a bert-mode CFine needs its vocabulary (the text of BERT's vocab.txt)")
@@ -89,7 +89,7 @@ class CFine(nn.Module):
         """Public: text tokens (B, L, D), the global token's last-layer attention row (B, L), its index (EOT for
         CLIP, 0 = [CLS] for BERT) and the padding mask."""
         if self.config.text_encoder == "bert":
-            from .bert_text import bert_token_features
+            from .text_encoders.bert import bert_token_features
 
             return bert_token_features(self.bert, ids)
         return self.clip.encode_text_tokens(ids)
@@ -99,7 +99,7 @@ class CFine(nn.Module):
                 stage: str = "all") -> CFineOutput | tuple[TokenFeatures, TokenFeatures]:
         """Features (B, 3, D) per modality; in training mode with pids also the total loss and its parts.
 
-        Gradient caching (utils/grad_cache.py) runs the two halves apart, through this same forward so that DDP
+        Gradient caching (engine/grad_cache.py) runs the two halves apart, through this same forward so that DDP
         and torch.compile see them: stage 'encoders' returns the (image, text) TokenFeatures of images and token
         ids; stage 'head' takes such a pair in place of images and tokens and returns the CFineOutput.
         """

@@ -1,9 +1,12 @@
-"""Mixed-precision guard: similarities, softmaxes and losses always run in fp32, even under autocast."""
+"""How the model's arithmetic runs: the --amp modes (autocast; docs/training.md), torch.compile, and the fp32 guard
+(similarities, softmaxes and losses always run in fp32, even under autocast)."""
 from __future__ import annotations
 
 import functools
 
 import torch
+
+from utils.errors import SettingError
 
 
 def _to_fp32(value):
@@ -24,3 +27,24 @@ def in_fp32(fn):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def resolve_amp(mode: str, device: torch.device) -> str:
+    """'auto' -> bf16 on GPUs that support it, fp16 on older GPUs, off on CPU; explicit modes are checked."""
+    if mode == "auto":
+        if device.type != "cuda":
+            return "off"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if mode == "fp16" and device.type != "cuda":
+        raise SettingError("--amp fp16 needs a CUDA device (CPU autocast supports bf16): use --amp bf16 or off")
+    return mode
+
+
+def autocast(device: torch.device, mode: str) -> torch.autocast:
+    """torch.autocast for an --amp mode ('bf16', 'fp16'; 'off' disables it)."""
+    return torch.autocast(device.type, dtype=torch.float16 if mode == "fp16" else torch.bfloat16, enabled=mode != "off")
+
+
+def compiled(fn, backend: str = "off"):
+    """torch.compile(fn) with that backend ('inductor', 'aot_eager'); fn itself for 'off'."""
+    return fn if backend == "off" else torch.compile(fn, backend=backend)

@@ -45,7 +45,7 @@ def caption_tokenizer(text_encoder: str = "clip", vocab_text: str | None = None,
     if text_encoder == "clip":
         return clip_token_ids
     if text_encoder == "bert":
-        from .bert_tokenizer import BertCaptionTokenizer  # only bert mode needs `transformers`
+        from .text_encoders.bert_tokenizer import BertCaptionTokenizer  # only bert mode needs `transformers`
 
         if vocab_text is None:
             raise ValueError("bert mode needs the vocabulary (vocab.txt's text) to tokenise captions")

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import train
-from datasets import prepare, synthetic
+from datasets import prepare
 from datasets.processed import load_split
+from datasets.synthetic.generate import generate as generate_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,7 @@ TINY_TRAIN_FLAGS = ["--clip", "none", "--clip_arch", "tiny", "--image_size", "64
 def processed_root(tmp_path_factory) -> Path:
     """processed_data-style folder holding a synthetic CUHK-PEDES (40 ids x 3 images)."""
     base = tmp_path_factory.mktemp("synthetic")
-    synthetic.generate(base / "raw", "CUHK-PEDES", ids=40, images_per_id=3, seed=1)
+    generate_synthetic(base / "raw", "CUHK-PEDES", ids=40, images_per_id=3, seed=1)
     out = base / "processed_data"
     assert prepare.main([str(base / "raw"), "CUHK-PEDES", "--out", str(out), "--workers", "1"]) == 0
     return out

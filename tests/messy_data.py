@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from datasets import BENCHMARKS
-from datasets.synthetic import generate
+from datasets.synthetic.generate import generate
 
 LONG_TAIL = " She walks slowly along the crowded street past the shops and the station" * 8
 

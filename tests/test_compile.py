@@ -22,7 +22,7 @@ from tests.tolerance import assert_close, assert_each_close
 
 # aot_eager decomposes some ops, so sums may run in another order: fp32 roundings relative to the largest entry
 # (tests/tolerance.py). Measured 0 (bit-equal) under every CPU setting there; the bound is what other orders of the
-# same model's sums need (chunked vs whole batch, tests/test_utils_grad_cache.py: 3.1e-6) with a margin.
+# same model's sums need (chunked vs whole batch, tests/test_engine_grad_cache.py: 3.1e-6) with a margin.
 REL = 1e-5
 
 

@@ -1,16 +1,17 @@
 """datasets/holdout.py: a validation split carved from the training identities (ICFG-PEDES has none)."""
 import pytest
 
-from datasets import prepare, synthetic
+from datasets import prepare
 from datasets.build import build_eval_data, build_train_loader
 from datasets.holdout import carve_validation_ids, split_off
 from datasets.processed import available_splits, load_split
+from datasets.synthetic.generate import generate as generate_synthetic
 
 
 @pytest.fixture(scope="module")
 def icfg(tmp_path_factory):
     base = tmp_path_factory.mktemp("icfg")
-    synthetic.generate(base / "raw", "ICFG-PEDES", ids=60, images_per_id=2, seed=2)
+    generate_synthetic(base / "raw", "ICFG-PEDES", ids=60, images_per_id=2, seed=2)
     assert prepare.main([str(base / "raw"), "ICFG-PEDES", "--out", str(base / "processed"), "--workers", "1"]) == 0
     return base / "processed" / "ICFG-PEDES"
 

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from datasets import BENCHMARKS
-from datasets.pedestrian_attributes import ATTRIBUTE_NAMES, COLOUR_WORDS, GARMENTS, identity_key, make_caption, sample_identities
-from datasets.synthetic import CUHK_SOURCES, generate, identities, main
+from datasets.synthetic.attributes import ATTRIBUTE_NAMES, COLOUR_WORDS, GARMENTS, identity_key, make_caption, sample_identities
+from datasets.synthetic.generate import CUHK_SOURCES, generate, identities, main
 
 NAMES = list(BENCHMARKS)
 RAW_KEYS = {"CUHK-PEDES": {"split", "captions", "file_path", "processed_tokens", "id"},

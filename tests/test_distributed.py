@@ -20,15 +20,15 @@ from torch.utils.data import DataLoader
 import train
 from clip.model import CLIPConfig
 from datasets.build import EvalData
+from engine.grad_cache import forward_backward
+from engine.run_log import epoch_table_header
+from evaluation.encode import encode_split
 from models import CFine, CFineConfig
+from models.checkpoint import load_checkpoint
 from models.gather import GlobalBatchNorm1d, convert_to_global_bn, gather_batch
 from tests.conftest import REPO, TINY_TRAIN_FLAGS, random_caption_ids
 from tests.tolerance import assert_close, assert_each_close
 from utils import distributed
-from utils.checkpoint import load_checkpoint
-from utils.evaluation import encode_split
-from utils.grad_cache import forward_backward
-from utils.run_log import epoch_table_header
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -109,7 +109,7 @@ def _model(sync_bn=False, gather_features=False) -> CFine:
 def _step(model, forward, rows, chunk_size=None, steps=1):
     """`steps` SGD steps on batch rows `rows`; of the last: loss, gradients, the updated state and the features.
 
-    chunk_size: by gradient caching (utils/grad_cache.py), through `forward` (the DDP wrapper) as train.py does.
+    chunk_size: by gradient caching (engine/grad_cache.py), through `forward` (the DDP wrapper) as train.py does.
     """
     images, ids, pids = _batch()
     for _ in range(steps):

@@ -9,8 +9,8 @@ import sys
 import torch
 from PIL import Image
 
+from models.checkpoint import load_checkpoint
 from tests.conftest import REPO, TINY_TRAIN_FLAGS
-from utils.checkpoint import load_checkpoint
 
 
 def run(*command, cwd=REPO):
@@ -22,7 +22,7 @@ def run(*command, cwd=REPO):
 
 
 def test_synthetic_to_data_sh_to_train_to_test(tmp_path):
-    run(sys.executable, "-m", "datasets.synthetic", "--out", str(tmp_path / "raw"), "--format", "CUHK-PEDES",
+    run(sys.executable, "-m", "datasets.synthetic.generate", "--out", str(tmp_path / "raw"), "--format", "CUHK-PEDES",
         "--ids", "48", "--images_per_id", "3", "--seed", "3")
     run("bash", str(REPO / "data.sh"), str(tmp_path / "raw"), "CUHK-PEDES", "--out", str(tmp_path / "processed"))
     assert (tmp_path / "processed" / "CUHK-PEDES" / "val_reid.json").is_file()

@@ -6,7 +6,7 @@ import pytest
 import test as evaluate_script
 import train
 
-ENTRY_POINTS = ["train", "test", "datasets.prepare", "datasets.synthetic", "scripts.seeds", "benchmarks.head_speed",
+ENTRY_POINTS = ["train", "test", "datasets.prepare", "datasets.synthetic.generate", "scripts.seeds", "benchmarks.head_speed",
                 "benchmarks.rank_speed", "benchmarks.train_throughput", "benchmarks.encoder_speed"]
 
 
@@ -32,5 +32,5 @@ def test_hyphen_spellings_parse_to_the_same_settings(tmp_path):
     assert (a.data_root, a.no_progress, a.batch_size, a.output_dir) == ("d", True, 4, "o")
     prepare = importlib.import_module("datasets.prepare").get_args_parser()
     assert prepare.parse_args(["root", "--skip-bad-images"]).skip_bad_images
-    synthetic = importlib.import_module("datasets.synthetic").get_args_parser()
+    synthetic = importlib.import_module("datasets.synthetic.generate").get_args_parser()
     assert synthetic.parse_args(["--out", "o", "--format", "RSTPReid", "--images-per-id", "2"]).images_per_id == 2

@@ -14,13 +14,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from clip.config import CLIPConfig
+from engine.grad_cache import forward_backward
 from models.cfine import CFine
 from models.config import CFineConfig
 from models.optim import build_optimizer
+from models.precision import autocast
 from tests.conftest import random_caption_ids
 from tests.tolerance import skip_bf16_attention_if_forced_default
-from utils.grad_cache import forward_backward
-from utils.training import autocast
 
 SYNCING = {torch.ops.aten._local_scalar_dense, torch.ops.aten.item, torch.ops.aten.nonzero, torch.ops.aten.is_nonzero}
 # torch.tensor(python data): on a GPU a pageable host-to-device copy, which waits for the host every step.
@@ -43,7 +43,7 @@ class HostReads(TorchDispatchMode):
 
 def one_step_reads(model: CFine, tokens: torch.Tensor, amp: str, chunk_size: int | None = None) -> list[str]:
     """The host reads of the second training step (the first creates the optimiser state) of a batch of 8
-    (chunk_size: by gradient caching, utils/grad_cache.py)."""
+    (chunk_size: by gradient caching, engine/grad_cache.py)."""
     torch.manual_seed(0)
     # Fused Adam as on CUDA (models/optim.py); torch's CPU default reads its CPU step counter with .item(),
     # which is no device sync, so it would only hide the rest of the step here.
@@ -90,7 +90,7 @@ def test_bert_mode_reads_on_the_host_only_inside_transformers():
     whether the attention mask can be dropped). That is transformers' code and stays as it is.
     """
     pytest.importorskip("transformers")
-    from models.bert_text import architecture
+    from models.text_encoders.bert import architecture
     from tests.bert_fixtures import tiny_bert_config, tiny_vocab
 
     torch.manual_seed(0)

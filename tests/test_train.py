@@ -14,11 +14,11 @@ import torch
 
 import test as evaluate_script
 import train
+from engine.control import StopRequest
+from engine.environment import cpu_model
+from models.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import REPO, TINY_TRAIN_FLAGS
 from utils import distributed
-from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.environment import cpu_model
-from utils.training import StopRequest
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 TIMING_KEYS = ("seconds", "pairs_per_s", "checkpoint_s", "checkpoint_mib")
@@ -386,7 +386,7 @@ def test_a_failing_save_is_a_clear_error_and_keeps_the_previous_checkpoint(strai
         f.write(b"partial")
         raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
 
-    monkeypatch.setattr("utils.checkpoint.torch.save", disk_full)
+    monkeypatch.setattr("models.checkpoint.torch.save", disk_full)
     monkeypatch.setattr(train, "StopRequest", lambda: StopAfter(1))
     with pytest.raises(SystemExit, match=r"last\.pt: could not be written .*file write failed.*unchanged"):
         resume(out / "last.pt", "--epochs", "4")

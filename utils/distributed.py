@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from datasets.build import default_workers
+from utils.errors import CFineError
 
 # Collectives wait this long for a late rank (rank 0 writing a checkpoint, a slow evaluation) before failing.
 TIMEOUT = datetime.timedelta(minutes=30)
@@ -53,13 +53,6 @@ def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
         kwargs = {"device_id": torch_device} if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=TIMEOUT, **kwargs)
     return info, torch_device
-
-
-def loader_workers(requested: int | None, info: DistInfo) -> int | None:
-    """--workers as given; by default (None) under torchrun the node's cores shared among its training processes."""
-    if requested is not None or not info.enabled:
-        return requested  # None: the loaders' own default (the node's cores minus one)
-    return default_workers(processes=info.local_world_size)
 
 
 def get_rank() -> int:
@@ -159,30 +152,40 @@ def gather_rows(local: torch.Tensor) -> torch.Tensor:
 
 
 def run(main, args) -> int:
-    """main(args), with a failing rank of a multi-process run printing its error and exiting at once.
+    """main(args) for an entry point: the one place where a user-facing error (utils/errors.py) becomes its one-line
+    message on stderr and exit status 1, on one process or many.
 
-    The rank does not wait for its peers (they may be blocked in a collective): it leaves, and torchrun's
-    agent stops the other ranks and reports the root cause (written by torch's @record error handler).
+    A failing rank of a multi-process run prints its error and leaves at once, without waiting for its peers
+    (they may be blocked in a collective); torchrun's agent stops the other ranks and reports the root cause
+    (written by torch's @record error handler for anything that is not a user-facing error).
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return main(args)
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    rank = os.environ.get("RANK", "?")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    prefix = f"[rank {os.environ.get('RANK', '?')}] " if world_size > 1 else ""
     try:
+        if world_size == 1:
+            return main(args)
+        from torch.distributed.elastic.multiprocessing.errors import record
+
         return record(main)(args)
-    except SystemExit as error:  # a boundary error with its message (bad flag, diverged run): no traceback
-        code = error.code
-        if code is None or code == 0:
+    except CFineError as error:
+        print(f"{prefix}{error}", file=sys.stderr)
+        code = 1
+    except SystemExit as error:  # argparse's own errors, and an explicit exit status
+        if world_size == 1:
+            raise
+        code = error.code if isinstance(error.code, int) else 0 if error.code is None else 1
+        if not isinstance(error.code, int) and error.code is not None:
+            print(f"{prefix}{error.code}", file=sys.stderr)
+        if code == 0:
             return 0
-        if not isinstance(code, int):
-            print(f"[rank {rank}] {code}", file=sys.stderr)
-            code = 1
-        sys.stderr.flush()
-        os._exit(code)
     except BaseException:
-        print(f"[rank {rank}] failed; stopping this run:", file=sys.stderr)
+        if world_size == 1:
+            raise
+        print(f"{prefix}failed; stopping this run:", file=sys.stderr)
         traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if world_size > 1:
+        os._exit(code)
+    return code

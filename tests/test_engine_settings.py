@@ -1,0 +1,153 @@
+"""engine/settings.py: one table behind train.py's flags and config files; every bad value is one line, before any work."""
+import json
+
+import pytest
+import torch
+
+import train
+from engine import settings
+from engine.settings import TABLE, TRAIN_SETTINGS
+from tests.conftest import REPO
+
+# train.parse_args's attribute names before the table existed (plus --overwrite): scripts rely on them.
+NAMES = {"config", "dataset", "data_root", "clip", "clip_arch", "output_dir", "image_size", "mean_std", "batch_size",
+         "epochs", "lr_head", "lr_image", "lr_text", "wd_image", "warmup_epochs", "warmup_start", "milestones", "gamma",
+         "cmpm_weights", "cmpc_weights", "diversity_weight", "ranking_weight", "margin", "gather_features", "sync_bn",
+         "amp", "device", "workers", "seed", "eval_every", "eval_batch_size", "eval_at_start", "resume",
+         "max_nonfinite", "no_progress", "overwrite", "text_encoder", "bert", "compile", "select_on", "tensorboard",
+         "log_every", "chunk_size"}
+
+
+def parse_error(argv, capsys):
+    """The one stderr line of a refused command line (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_the_table_gives_the_defaults_and_the_attribute_names(monkeypatch):
+    args = train.parse_args([])
+    assert set(settings.as_dict(args)) == NAMES and {s.name for s in TRAIN_SETTINGS} == NAMES
+    assert all(getattr(args, s.name) == s.default for s in TRAIN_SETTINGS if s.name != "device")
+    assert args.device == ("cuda" if torch.cuda.is_available() else "cpu")  # decided after parsing: --help needs no torch
+    assert (args.batch_size, args.epochs, args.lr_head, args.milestones, args.image_size) == (32, 50, 1e-4, [20, 25, 35],
+                                                                                                [224, 224])
+    assert args._given == {}
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--batch_size", "1"], "--batch_size: 1 is not allowed; batch_size takes an integer >= 2"),
+    (["--epochs", "0"], "--epochs: 0 is not allowed; epochs takes an integer >= 1"),
+    (["--eval_every", "0"], "--eval_every: 0 is not allowed; eval_every takes an integer >= 1"),
+    (["--lr_head=-1e-4"], "--lr_head: -0.0001 is not allowed; lr_head takes a number >= 0"),
+    (["--lr_text", "nan"], "--lr_text: NaN is not allowed; lr_text takes a number >= 0"),
+    (["--image_size", "0", "32"], "image_size takes a list of 2 values, each an integer >= 1"),
+    (["--clip", "none", "--clip_arch", "tiny", "--image_size", "60", "32"],
+     "--image_size 60 32 is not allowed; image_size takes multiples of the patch size 8 of --clip none (e.g. 64 32)"),
+    (["--image_size", "384", "130"], "multiples of the patch size 16 of --clip ViT-B/16 (e.g. 384 128)"),
+    (["--device", "mps"], '--device: "mps" is not allowed; device takes cpu, cuda or cuda:N'),
+    (["--amp", "fp32"], '--amp: "fp32" is not allowed; amp takes one of auto, bf16, fp16, off'),
+    (["--clip_arch", "huge"], '--clip_arch: "huge" is not allowed; clip_arch takes one of vit_b16, tiny'),
+    (["--dataset", "Market"], "dataset takes one of CUHK-PEDES, ICFG-PEDES, RSTPReid"),
+    (["--milestones", "25", "20"], "milestones takes strictly increasing epochs"),
+    (["--workers", "-1"], "workers takes an integer >= 0 (or null)"),
+    (["--batch_size", "x"], "argument --batch_size/--batch-size: invalid int value: 'x'"),
+    (["--chunk_size", "0"], "--chunk_size: 0 is not allowed; chunk_size takes an integer >= 1 (or null)"),
+    (["--chunk_size=-4"], "--chunk_size: -4 is not allowed; chunk_size takes an integer >= 1 (or null)"),
+    (["--batch_size", "16", "--chunk_size", "17"], "--chunk_size 17 is larger than the batch (16 per process): give a "
+                                                    "chunk size from 1 to 16"),
+])
+def test_bad_flags_fail_in_one_line_naming_the_setting_and_the_allowed_values(argv, named, capsys):
+    line = parse_error(argv, capsys)
+    assert line.startswith("train.py: error: ") and named in line
+
+
+@pytest.mark.parametrize("values, named", [
+    ({"amp": "fp32"}, '"amp": "fp32" is not allowed; amp takes one of auto, bf16, fp16, off'),
+    ({"clip_arch": "huge"}, '"clip_arch": "huge" is not allowed; clip_arch takes one of vit_b16, tiny'),
+    ({"milestones": 20}, '"milestones": 20 is not allowed; milestones takes a list, each an integer >= 1'),
+    ({"batch_size": 32.0}, '"batch_size": 32.0 is not allowed; batch_size takes an integer >= 2'),
+    ({"sync_bn": "true"}, '"sync_bn": "true" is not allowed; sync_bn takes true or false'),
+    ({"eval_every": 0}, '"eval_every": 0 is not allowed'),
+    ({"image_size": [384, 128, 3]}, "image_size takes a list of 2 values"),
+    ({"lr_image": -1}, '"lr_image": -1 is not allowed; lr_image takes a number >= 0'),
+    ({"epochz": 5}, "key 'epochz' is not a train.py setting"),
+    ({"resume": "runs/x/last.pt"}, "key 'resume' is a command-line flag only"),
+])
+def test_bad_config_values_fail_like_flags(tmp_path, values, named, capsys):
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps(values))
+    line = parse_error(["--config", str(config)], capsys)
+    assert f"--config {config}" in line and named in line
+
+
+def test_a_config_that_is_not_an_object_or_not_json(tmp_path, capsys):
+    config = tmp_path / "list.json"
+    config.write_text("[1, 2]")
+    assert "expected a JSON object of settings, found list" in parse_error(["--config", str(config)], capsys)
+    config.write_text("{'single': 'quotes'}")
+    assert f"--config {config}: Expecting property name" in parse_error(["--config", str(config)], capsys)
+
+
+def test_config_values_become_canonical_and_flags_override_them(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"lr_head": 1, "cmpm_weights": [1, 1, 0], "sync_bn": True, "epochs": 7}))
+    args = train.parse_args(["--config", str(config), "--epochs", "9"])
+    assert args.lr_head == 1.0 and isinstance(args.lr_head, float) and args.cmpm_weights == [1.0, 1.0, 0.0]
+    assert args.sync_bn is True and args.epochs == 9
+    assert args._given == {"lr_head": f'--config {config}: "lr_head"', "cmpm_weights": f'--config {config}: "cmpm_weights"',
+                           "sync_bn": f'--config {config}: "sync_bn"', "epochs": "--epochs", "config": "--config"}
+
+
+@pytest.mark.parametrize("name", ["cuhk_pedes", "icfg_pedes", "rstpreid", "demo"])
+def test_repository_configs_hold_only_what_differs_from_the_defaults(name):
+    values = json.loads((REPO / "configs" / f"{name}.json").read_text())
+    same = [key for key, value in values.items() if TABLE[key].check(value, key) == TABLE[key].default]
+    assert not same, f"configs/{name}.json repeats defaults: {same}"
+    args = train.parse_args(["--config", str(REPO / "configs" / f"{name}.json")])
+    if name != "demo":  # the authors' recipe (docs/method.md §6) on each benchmark
+        assert (args.batch_size, args.epochs, args.lr_head, args.lr_image, args.lr_text, args.wd_image) == (
+            32, 50, 1e-4, 1e-5, 1e-5, 4e-5)
+        assert (args.warmup_epochs, args.warmup_start, args.milestones, args.seed, args.clip) == (
+            10, 0.01, [20, 25, 35], 42, "ViT-B/16")
+        assert args.dataset == {"cuhk_pedes": "CUHK-PEDES", "icfg_pedes": "ICFG-PEDES", "rstpreid": "RSTPReid"}[name]
+    else:
+        assert (args.clip, args.clip_arch, args.ranking_weight, args.epochs) == ("none", "tiny", 0.0, 25)
+
+
+def test_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f"--{s.name}" in text for s in TRAIN_SETTINGS)
+
+
+def test_resume_roles_run_settings_conflict_kept_ones_follow_the_command():
+    saved = settings.as_dict(train.parse_args(["--batch_size", "16", "--epochs", "3", "--device", "cpu"]))
+    args = train.parse_args(["--resume", "x.pt", "--device", "cuda", "--workers", "3", "--epochs", "5"])
+    settings.apply_checkpoint(args, saved, "x.pt")
+    assert (args.batch_size, args.epochs, args.device, args.workers) == (16, 5, "cuda", 3)  # extended, KEPT given
+    args = train.parse_args(["--resume", "x.pt"])
+    settings.apply_checkpoint(args, saved, "x.pt")
+    assert (args.epochs, args.device, args.resume) == (3, "cpu", "x.pt")  # COMMAND settings stay the command's
+    with pytest.raises(settings.SettingError, match="--seed 1 conflicts with the run being resumed \\(x.pt\\), which "
+                                                    "has seed 42"):
+        settings.apply_checkpoint(train.parse_args(["--resume", "x.pt", "--seed", "1"]), saved, "x.pt")
+    with pytest.raises(settings.SettingError, match="x.pt: setting 'eval_every': 0 is not allowed"):
+        settings.apply_checkpoint(train.parse_args(["--resume", "x.pt"]), {**saved, "eval_every": 0}, "x.pt")
+
+
+def test_scripts_beside_train_py_check_their_flags_with_the_same_rules(capsys):
+    import test as evaluate_script
+
+    parser = evaluate_script.get_args_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--checkpoint", "x.pt", "--device", "mps"])
+    assert 'argument --device: "mps" is not allowed; device takes cpu, cuda or cuda:N' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--checkpoint", "x.pt", "--batch_size", "0"])
+    assert "batch_size takes an integer >= 1" in capsys.readouterr().err

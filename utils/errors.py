@@ -1,0 +1,28 @@
+"""The one user-facing error type and its kinds. Raised at the boundary (flags, data, checkpoints, BERT folders,
+search indexes) with a message that says what is wrong, where, and what to do; each entry point turns it into
+that one line on stderr and exit status 1 (utils/distributed.py `run`), never a traceback."""
+from __future__ import annotations
+
+
+class CFineError(Exception):
+    """A problem the user can fix; str(error) is the whole message."""
+
+
+class SettingError(CFineError, ValueError):
+    """A flag or config-file value outside what the settings table allows, or settings that contradict."""
+
+
+class DataError(CFineError):
+    """Raw or processed benchmark data that cannot be used; the message names the file, the record and the fix."""
+
+
+class CheckpointError(CFineError, RuntimeError):
+    """A CLIP weights file or a train.py checkpoint that cannot be used; the message names the file."""
+
+
+class BertFolderError(CFineError, RuntimeError):
+    """A --bert folder that cannot be used; the message says what is missing and how to get it."""
+
+
+class SearchIndexError(CFineError, RuntimeError):
+    """A search index folder that is missing, damaged, or does not belong to the checkpoint in use."""
