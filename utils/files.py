@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 # atomic_write's temporary names: "." + the destination's name + "." + mkstemp's 8 random characters + ".tmp".
-_STALE_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+_STALE_TEMP = re.compile(r"^\..+\.([a-z0-9_]{8}|hardlink)\.tmp$")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -43,6 +43,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
         if os.path.lexists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_link(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """target becomes another name of source's file (a copy where the file system has no hard links), atomically."""
+    target = Path(target)
+    temporary = target.with_name(f".{target.name}.hardlink.tmp")  # a stale-temp name: see _STALE_TEMP
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+    except OSError:
+        shutil.copyfile(source, temporary)
+    os.replace(temporary, target)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

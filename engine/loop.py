@@ -1,0 +1,94 @@
+"""The training loop's epoch: each step's forward and backward (whole, or by gradient caching), the guarded
+optimiser step, the running losses on the progress bar, and the epoch's metrics row; and evaluation during training.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from datasets.transforms import to_model_input
+from engine.control import StopRequest, TrainingStopped
+from engine.data import TrainData
+from engine.grad_cache import forward_backward
+from engine.step_guard import StepGuard
+from evaluation.encode import encode_split, score_split
+from models.cfine import CFine
+from models.precision import autocast
+from utils import distributed
+
+
+def train_one_epoch(model, loader, optimizer, scaler, guard: StepGuard, stop: StopRequest, *, device, amp: str,
+                    epoch: int, start_step: int, progress: bool, chunk_size: int | None = None) -> dict:
+    """One pass over the epoch's remaining batches; returns the epoch's metrics.jsonl row (epoch_row).
+
+    chunk_size: gradient caching (engine/grad_cache.py), the same step with encoder memory for that many pairs.
+
+    A step whose loss or updated weights are not finite is undone by the guard (TrainingDiverged after too many
+    in a row); a stop request ends the epoch after the current step with TrainingStopped.
+    """
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    kept = pairs = 0
+    step = start_step
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", initial=start_step, total=start_step + len(loader),
+               disable=not progress, dynamic_ncols=True)
+    started = time.perf_counter()
+    for batch in bar:
+        images, flips, tokens, pids = (batch[key].to(device, non_blocking=True)
+                                       for key in ("images", "flips", "tokens", "pids"))
+        images = to_model_input(images, loader.dataset.mean_std, flips)  # uint8 -> flipped, normalised float
+        guard.save()
+        optimizer.zero_grad(set_to_none=True)
+        out = forward_backward(model, images, tokens, pids, precision=lambda: autocast(device, amp), scale=scaler.scale,
+                               chunk_size=chunk_size)
+        scaler.step(optimizer)
+        scaler.update()
+        step, pairs = step + 1, pairs + images.shape[0]
+        loss_finite, weights_finite, stopping = guard.verdict(out.loss, stop.requested)
+        if guard.accept(loss_finite, weights_finite):
+            for key, value in {"loss": out.loss, **{f"loss_{k}": v for k, v in out.losses.items()}}.items():
+                sums[key] = sums.get(key, 0) + value.detach().float()
+            kept += 1
+        elif distributed.is_main_process():
+            what = "weights after the update, step undone" if loss_finite else "loss, step skipped"
+            print(f"epoch {epoch + 1} step {step}: non-finite {what} ({guard.in_a_row} in a row, "
+                  f"{guard.total} in total)", file=sys.stderr)
+        if progress and (step % 10 == 0 or step == start_step + 1):
+            rate = pairs * distributed.get_world_size() / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix({k.removeprefix("loss_"): f"{float(v) / max(kept, 1):.3f}" for k, v in sums.items()}
+                            | {"pairs/s": f"{rate:.0f}"})
+        if stopping:
+            raise TrainingStopped(step)
+    return epoch_row(epoch, _rank_means(sums, kept), pairs, optimizer, guard, started)
+
+
+def _rank_means(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+    """Per-step means averaged over ranks: a collective (all ranks skip the same steps, so keys and counts agree)."""
+    if sums:
+        totals = distributed.all_reduce_sum(torch.stack(list(sums.values()))) / distributed.get_world_size()
+        sums = dict(zip(sums, totals))
+    return {k: float(v) / max(count, 1) for k, v in sums.items()}
+
+
+def epoch_row(epoch: int, losses: dict[str, float], pairs: int, optimizer, guard: StepGuard, started: float) -> dict:
+    """The metrics.jsonl row of a finished epoch, before evaluation: losses, learning rates, counts, speed."""
+    seconds = time.perf_counter() - started
+    return {"epoch": epoch + 1, **losses, **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
+            "skipped_steps": guard.total, "seconds": round(seconds, 3),
+            "pairs_per_s": round(pairs * distributed.get_world_size() / max(seconds, 1e-9), 2)}
+
+
+def evaluate(model: CFine, data: TrainData, settings, device, amp: str, progress: bool) -> dict:
+    """The metrics.jsonl fields of the evaluation split's retrieval metrics (docs/method.md §7), sharded over the
+    processes."""
+    encoded = encode_split(model, data.eval_data, device, amp, settings.eval_batch_size, progress, settings.compile)
+    return metrics_row(score_split(encoded), data.eval_split)
+
+
+def metrics_row(results: dict, split: str) -> dict:
+    """The metrics.jsonl fields of one evaluation: t2i (concatenated feature), t2i global-only, and i2t."""
+    return {"eval_split": split, **results["t2i"], **{f"{k}_global": v for k, v in results["t2i_global"].items()},
+            **{f"i2t_{k}": v for k, v in results["i2t"].items()}}
