@@ -47,17 +47,18 @@ if __name__ == "__main__":
 
 import torch
 
-from datasets.base import DataError
 from datasets.build import available_splits, build_eval_data, loader_workers
 from datasets.processed import check_same_data
+from engine.data import held_out_ids
 from engine.environment import machine
 from evaluation.curves import plot_training_curves
 from evaluation.encode import encode_split, format_table, score_split
 from evaluation.visualize import ranking_page
 from models.cfine import retrieval_features
-from models.checkpoint import CheckpointError, load_model
+from models.checkpoint import load_model
 from models.precision import resolve_amp
 from utils import distributed
+from utils.errors import DataError, SettingError
 from utils.files import check_writable_folder, write_json
 
 
@@ -83,15 +84,12 @@ def carved_ids(state: dict, split: str, dataset: str) -> list[int]:
     without one; [] otherwise."""
     if split != "val" or dataset != state.get("args", {}).get("dataset"):
         return []
-    return list((state.get("data") or {}).get("held_out_ids") or [])
+    return held_out_ids(state)
 
 
 def main(args: argparse.Namespace) -> int:
     info, device = distributed.init_distributed(args.device or default_device())
-    try:
-        model, state = load_model(args.checkpoint, device)
-    except CheckpointError as error:
-        raise SystemExit(str(error)) from None
+    model, state = load_model(args.checkpoint, device)
     train_args = state.get("args", {})
     dataset = args.dataset or train_args.get("dataset")
     data_root = args.data_root or train_args.get("data_root", "processed_data")
@@ -104,19 +102,16 @@ def main(args: argparse.Namespace) -> int:
         try:
             check_writable_folder(out_dir)
         except OSError as error:
-            raise SystemExit(f"--output_dir {out_dir}: cannot write there ({error})") from None
-    try:
-        if dataset == train_args.get("dataset"):  # the run's own benchmark: it must be the run's data
-            check_same_data(state.get("data"), processed, args.checkpoint)
-        splits = available_splits(processed)
-        held_out = carved_ids(state, args.split, dataset) if args.split not in splits else []
-        if args.split not in splits and not held_out:
-            raise SystemExit(f"{processed} has no {args.split} split (it has: {', '.join(splits)})")
-        data = build_eval_data(processed, args.split, image_size=image_size, batch_size=args.batch_size,
-                               workers=workers, mean_std=train_args.get("mean_std", "clip"),
-                               tokenizer=model.tokenizer, held_out_ids=held_out)
-    except DataError as error:
-        raise SystemExit(f"--data_root/--dataset: {error}") from None
+            raise SettingError(f"--output_dir {out_dir}: cannot write there ({error})") from None
+    if dataset == train_args.get("dataset"):  # the run's own benchmark: it must be the run's data
+        check_same_data(state.get("data"), processed, args.checkpoint)
+    splits = available_splits(processed)
+    held_out = carved_ids(state, args.split, dataset) if args.split not in splits else []
+    if args.split not in splits and not held_out:
+        raise DataError(f"{processed} has no {args.split} split (it has: {', '.join(splits)})")
+    data = build_eval_data(processed, args.split, image_size=image_size, batch_size=args.batch_size,
+                           workers=workers, mean_std=train_args.get("mean_std", "clip"),
+                           tokenizer=model.tokenizer, held_out_ids=held_out)
     encoded = encode_split(model, data, device, amp, args.batch_size, progress=info.is_main and not args.no_progress,
                            compile=args.compile)
     results = score_split(encoded)
@@ -136,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
         if args.plot:
             metrics = Path(args.checkpoint).parent / "metrics.jsonl"
             if not metrics.is_file():
-                raise SystemExit(f"--plot: {metrics} not found (it is written by train.py beside its checkpoints)")
+                raise SettingError(f"--plot: {metrics} not found (it is written by train.py beside its checkpoints)")
             plot_training_curves(metrics, out_dir / "training_curves.png")
             print(f"wrote {out_dir / 'training_curves.png'}")
     distributed.cleanup()

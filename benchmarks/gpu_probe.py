@@ -26,13 +26,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402
 from benchmarks.train_throughput import random_ids  # noqa: E402
 from clip.config import CLIPConfig  # noqa: E402
 from datasets.transforms import to_model_input  # noqa: E402
 from engine.grad_cache import forward_backward  # noqa: E402
+from engine.run_files import save_files  # noqa: E402
 from evaluation.metrics import evaluate_retrieval  # noqa: E402
 from models.cfine import CFine, retrieval_features  # noqa: E402
+from models.checkpoint import save_checkpoint  # noqa: E402
 from models.config import CFineConfig  # noqa: E402
 from models.optim import build_optimizer  # noqa: E402
 from models.precision import autocast  # noqa: E402
@@ -279,11 +280,11 @@ def cmd_checkpoint(args) -> dict:
         folder = Path(folder)
         started = time.perf_counter()
         for name in ("best.pt", "last.pt"):  # before issue 11: two full writes
-            train.save_checkpoint(state, folder / name)
+            save_checkpoint(state, folder / name)
         two_writes = time.perf_counter() - started
         size = (folder / "last.pt").stat().st_size / 2**20
         history = [{"epoch": 1}]
-        train.save_files(folder, state, best=True, history=history)
+        save_files(folder, state, best=True, history=history)
     return {"arch": args.arch, "mib": round(size, 1), "two_writes_s": round(two_writes, 3),
             "one_write_and_link_s": history[0]["checkpoint_s"]}
 

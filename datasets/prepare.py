@@ -19,7 +19,7 @@ from datasets import BENCHMARKS, PARSERS
 from datasets.base import DataError, Parsed
 from datasets.images import ImageReport, check_images, usable_cpus
 from datasets.validate import RecordReport, clean_records, describe_indices
-from utils.files import remove_stale_folders, sha256_file, write_atomically
+from utils.files import remove_stale, sha256_file, write_atomically
 
 FORMAT_VERSION = 1
 SPLIT_ORDER = ("train", "val", "test")
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     for prep in prepared:
-        for stale in remove_stale_folders(prep.out_dir):
+        for stale in remove_stale(prep.out_dir.parent, of=prep.out_dir.name):
             print(f"{prep.name}: removed {args.out / stale}, left by an interrupted earlier run.")
         for note in prep.notes:
             print(note if note.startswith(prep.name) else f"{prep.name}: {note}")

@@ -16,7 +16,7 @@ from models.cfine import CFine
 from models.checkpoint import save_checkpoint
 from utils.distributed import DistInfo
 from utils.errors import CheckpointError, SettingError
-from utils.files import atomic_link, atomic_write, check_writable_folder, folder_contents, remove_stale_temp_files, write_json
+from utils.files import atomic_link, atomic_write, check_writable_folder, folder_contents, remove_stale, write_json
 
 # What --overwrite deletes (and tb/'s event files); train.log is started afresh.
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "environment.json", "held_out_ids.json")
@@ -38,7 +38,7 @@ def claim_output_dir(settings: argparse.Namespace, info: DistInfo) -> Path:
             check_writable_folder(output_dir)
         except OSError as error:
             raise SettingError(f"--output_dir {output_dir}: cannot write there ({error})") from None
-        remove_stale_temp_files(output_dir)  # left by a run killed while writing
+        remove_stale(output_dir)  # left by a run killed while writing
     return output_dir
 
 

@@ -14,6 +14,8 @@ from typing import TextIO
 
 from torch import nn
 
+from utils.errors import SettingError
+
 
 class _Tee:
     """A text stream that writes to `stream` and copies its lines to `log`, progress bars left out."""
@@ -102,11 +104,11 @@ def _table_line(first: str, groups: list[list[str]]) -> str:
 
 
 def summary_writer(folder: str | Path):
-    """A torch.utils.tensorboard.SummaryWriter on folder; SystemExit naming the package if it is missing."""
+    """A torch.utils.tensorboard.SummaryWriter on folder; a SettingError naming the package if it is missing."""
     try:
         from torch.utils.tensorboard import SummaryWriter  # optional dependency: only --tensorboard needs it
     except ImportError:
-        raise SystemExit("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        raise SettingError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
     return SummaryWriter(str(folder))
 
 

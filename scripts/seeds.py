@@ -21,6 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # also run as `python scripts/seeds.py`
+from utils.errors import CFineError, SettingError, run_main  # noqa: E402
 from utils.files import atomic_write, write_json  # noqa: E402
 
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -42,7 +43,7 @@ def run(command: list[str]) -> None:
     print("+", " ".join(command), flush=True)
     result = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if result.returncode != 0:
-        raise SystemExit(f"seeds: `{' '.join(command)}` failed with exit code {result.returncode}")
+        raise CFineError(f"seeds: `{' '.join(command)}` failed with exit code {result.returncode}")
 
 
 def run_seed(args: argparse.Namespace, seed: int, extra: list[str]) -> dict:
@@ -97,9 +98,9 @@ def markdown_table(per_seed: dict[int, dict], summary: dict, config: str, split:
 
 def main(args: argparse.Namespace) -> int:
     if len(set(args.seeds)) != len(args.seeds):
-        raise SystemExit(f"--seeds {args.seeds}: each seed once")
+        raise SettingError(f"--seeds {args.seeds}: each seed once")
     if not Path(args.config).is_file():
-        raise SystemExit(f"--config {args.config}: no such file")
+        raise SettingError(f"--config {args.config}: no such file")
     extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     per_seed = {seed: run_seed(args, seed, extra) for seed in args.seeds}
     summary = summarise(per_seed)
@@ -114,4 +115,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(run_main(main, get_args_parser().parse_args()))

@@ -1,4 +1,7 @@
-"""Shared fixtures: one small synthetic benchmark, prepared by data.sh's module, per test session."""
+"""Shared fixtures and helpers: one small synthetic benchmark (prepared by data.sh's module) and one tiny trained
+checkpoint per test session; metrics.jsonl rows, tensor-dict equality, moved data copies, one-thread sections."""
+import contextlib
+import json
 import shutil
 from pathlib import Path
 
@@ -63,20 +66,56 @@ def random_caption_ids(batch: int, seed: int = 0) -> torch.Tensor:
     return ids
 
 
-@pytest.fixture
-def single_thread():
-    """One intra-op thread for the test, then the previous setting (use with pytest.mark.usefixtures)."""
-    # Tiny tensors gain nothing from threads; on a busy 2-core runner OpenMP spin-waits made them 50x slower.
+@contextlib.contextmanager
+def one_intra_op_thread():
+    """One intra-op thread inside the block, then the previous setting."""
+    # Tiny tensors gain nothing from threads; on a busy 2-core runner OpenMP spin-waits made them 50x slower, and
+    # runs compared bit for bit must use the same thread count.
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def single_thread():
+    """one_intra_op_thread for the test (use with pytest.mark.usefixtures)."""
+    with one_intra_op_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def module_single_thread():
-    """single_thread for a whole module, its module fixtures included (pytestmark = usefixtures(...))."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    """one_intra_op_thread for a whole module, its module fixtures included (pytestmark = usefixtures(...))."""
+    with one_intra_op_thread():
+        yield
+
+
+# metrics.jsonl fields that measure time, not the run: runs compared row for row leave them out.
+TIMING_KEYS = ("seconds", "pairs_per_s", "checkpoint_s", "checkpoint_mib")
+
+
+def metrics_rows(out_dir: Path, drop: tuple[str, ...] = TIMING_KEYS) -> list[dict]:
+    """A run's metrics.jsonl rows, without the `drop` fields."""
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in lines]
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    """Two state dicts hold the same keys and bit-identical tensors."""
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def moved_copy(processed_root: Path, where: Path, edit_meta=None) -> Path:
+    """A copy of processed_root under where (the same data moved elsewhere), its meta.json edited if asked."""
+    copy = shutil.copytree(processed_root, where / "moved")
+    if edit_meta:
+        meta_path = copy / "CUHK-PEDES" / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        edit_meta(meta)
+        meta_path.write_text(json.dumps(meta))
+    return copy

@@ -26,9 +26,10 @@ from evaluation.encode import encode_split
 from models import CFine, CFineConfig
 from models.checkpoint import load_checkpoint
 from models.gather import GlobalBatchNorm1d, convert_to_global_bn, gather_batch
-from tests.conftest import REPO, TINY_TRAIN_FLAGS, random_caption_ids
+from tests.conftest import REPO, TINY_TRAIN_FLAGS, assert_same_tensors, metrics_rows, random_caption_ids
 from tests.tolerance import assert_close, assert_each_close
 from utils import distributed
+from utils.errors import CFineError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -36,7 +37,6 @@ WORLD = 2
 LR = 1e-4  # one SGD step at the authors' head learning rate: the update is -LR x the gradient
 # Per process batch 8 (global 16 on 2 ranks); eval batches of 4 split the 12 val images over both ranks.
 DDP_FLAGS = [*TINY_TRAIN_FLAGS, "--batch_size", "8", "--eval_batch_size", "4"]  # the last --batch_size wins
-TIMING_KEYS = ("seconds", "pairs_per_s", "checkpoint_s", "checkpoint_mib")
 # fp32 roundings of the split batch (gathers, Gloo's sums, other matrix shapes), relative to the largest entry
 # (tests/tolerance.py). Measured at most 2.4e-6 (features) and 3.8e-6 (gradients) over the CPU settings there.
 REL = 3e-5
@@ -47,11 +47,12 @@ import os, sys
 sys.path.insert(0, {repo!r})
 import torch
 import train
+from models.cfine import CFine
 from utils import distributed
 
 models, wrap = [], distributed.wrap_ddp
 distributed.wrap_ddp = lambda model, device: models.append(model) or wrap(model, device)
-forward, calls = train.CFine.forward, []
+forward, calls = CFine.forward, []
 def patched(self, *args, **kwargs):
     calls.append(1)
     if len(calls) == 3 and os.environ.get("PROBE_FAIL_RANK") == os.environ["RANK"]:
@@ -60,7 +61,7 @@ def patched(self, *args, **kwargs):
     if len(calls) == 2 and os.environ.get("PROBE_NAN_RANK") == os.environ["RANK"]:
         out.loss = out.loss * float("nan")
     return out
-train.CFine.forward = patched
+CFine.forward = patched
 code = distributed.run(train.main, train.parse_args())
 if os.environ.get("PROBE_DUMP"):
     torch.save(models[0].state_dict(), os.path.join(os.environ["PROBE_DUMP"], "rank%s.pt" % os.environ["RANK"]))
@@ -264,29 +265,18 @@ def straight(processed_root, probe, tmp_path_factory):
     return out, stdout
 
 
-def rows(out_dir):
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
-
-
-def assert_same_state(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
 def test_torchrun_training_keeps_replicas_identical_and_only_rank_0_writes(straight):
     out, stdout = straight
     rank0, rank1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
-    assert_same_state(rank0, rank1)  # parameters and BN running statistics
+    assert_same_tensors(rank0, rank1)  # parameters and BN running statistics
     last = load_checkpoint(out / "last.pt")
     assert not any(key.startswith("module.") for key in last["model"])
-    assert_same_state(last["model"], rank0)
+    assert_same_tensors(last["model"], rank0)
     assert last["world_size"] == WORLD
     assert "global batch 16 (8 per process x 2 process(es))" in stdout
     assert stdout.count(epoch_table_header("val")) == 1  # printed by rank 0 only
     assert sum(line.split()[:1] == ["3/3"] for line in stdout.splitlines()) == 1
-    assert [r["epoch"] for r in rows(out)] == [1, 2, 3]
+    assert [r["epoch"] for r in metrics_rows(out)] == [1, 2, 3]
     assert sorted(p.name for p in out.iterdir()) == [
         "best.pt", "config.json", "environment.json", "last.pt", "metrics.jsonl", "rank0.pt", "rank1.pt", "train.log"]
     assert (out / "train.log").read_text().count(epoch_table_header("val")) == 1  # rank 0's console only
@@ -298,7 +288,7 @@ def test_distributed_evaluation_equals_one_process_exactly(straight):
     # The evaluation inside the 2-rank training run (val) against test.py in one process on its last.pt.
     run_ok(sys.executable, "test.py", *map(str, one), "--split", "val", "--output_dir", str(out / "val_one"))
     single = json.loads((out / "val_one" / "metrics.json").read_text())
-    during = rows(out)[-1]
+    during = metrics_rows(out)[-1]
     assert {k: during[k] for k in single["t2i"]} == single["t2i"]
     assert {k: during[f"i2t_{k}"] for k in single["i2t"]} == single["i2t"]
     # test.py under torchrun against test.py in one process, on the test split.
@@ -325,21 +315,21 @@ def test_sigterm_under_torchrun_saves_on_rank_0_and_resumes_exactly(processed_ro
     state = load_checkpoint(out / "last.pt")
     assert state["step_in_epoch"] > 0 and state["epoch"] < 3  # mid-epoch, before the straight run's end
     # Its batches depend on the process count: one process must refuse to continue it.
-    with pytest.raises(SystemExit, match="saved by 2 process\\(es\\) in the middle of epoch"):
+    with pytest.raises(CFineError, match="saved by 2 process\\(es\\) in the middle of epoch"):
         train.main(train.parse_args(list(map(str, train_flags(processed_root, tmp_path / "one", "--resume",
                                                               out / "last.pt")))))
 
     # The same flags again with --resume (equal values are no conflict); epochs and the rest come from last.pt.
     code, stdout, stderr = finish(torchrun(probe, *train_flags(processed_root, out, "--resume", out / "last.pt")))
     assert code == 0, stdout[-3000:] + stderr[-3000:]
-    assert_same_state(load_checkpoint(out / "last.pt")["model"], load_checkpoint(straight[0] / "last.pt")["model"])
+    assert_same_tensors(load_checkpoint(out / "last.pt")["model"], load_checkpoint(straight[0] / "last.pt")["model"])
     # The interrupted epoch logs the mean loss of its steps after the resume only; all else is the same.
     interrupted = state["epoch"] + 1
 
     def without_loss(r):
         return {k: v for k, v in r.items() if not (r["epoch"] == interrupted and k.startswith("loss"))}
 
-    assert [without_loss(r) for r in rows(out)] == [without_loss(r) for r in rows(straight[0])]
+    assert [without_loss(r) for r in metrics_rows(out)] == [without_loss(r) for r in metrics_rows(straight[0])]
 
 
 def test_gather_features_sync_bn_and_a_nonfinite_loss_on_one_rank_under_torchrun(processed_root, probe, tmp_path):
@@ -352,9 +342,9 @@ def test_gather_features_sync_bn_and_a_nonfinite_loss_on_one_rank_under_torchrun
     assert stderr.count("non-finite loss, step skipped") == 1  # by every rank (else DDP would hang), told once
     assert "losses on the global batch (--gather_features), BN statistics of the global batch (--sync_bn)" in stdout
     rank0 = torch.load(out / "rank0.pt")
-    assert_same_state(rank0, torch.load(out / "rank1.pt"))
-    assert_same_state(load_checkpoint(out / "last.pt")["model"], rank0)
-    row = rows(out)[0]
+    assert_same_tensors(rank0, torch.load(out / "rank1.pt"))
+    assert_same_tensors(load_checkpoint(out / "last.pt")["model"], rank0)
+    row = metrics_rows(out)[0]
     assert row["skipped_steps"] == 1
     assert all(torch.isfinite(torch.tensor(v)) for k, v in row.items() if k.startswith("loss"))
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from models.checkpoint import load_checkpoint
-from tests.conftest import REPO, TINY_TRAIN_FLAGS
+from tests.conftest import REPO, TINY_TRAIN_FLAGS, metrics_rows
 
 
 def run(*command, cwd=REPO):
@@ -32,7 +32,7 @@ def test_synthetic_to_data_sh_to_train_to_test(tmp_path):
         *TINY_TRAIN_FLAGS, "--epochs", "2", "--eval_at_start")
     for name in ("last.pt", "best.pt", "metrics.jsonl", "config.json"):
         assert (out / name).is_file(), name
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    history = metrics_rows(out, drop=())
     assert [row["epoch"] for row in history] == [0, 1, 2]
     untrained, trained = history[0], max(history[1:], key=lambda row: row["R1"])
     assert trained["R1"] > untrained["R1"]
@@ -76,7 +76,7 @@ def test_bert_mode_trains_and_test_py_rebuilds_it_from_the_checkpoint_alone(proc
     assert state["text_vocab"] == (bert / "vocab.txt").read_text()
     assert any(key.startswith("bert.encoder.layer.1.attention") for key in state["model"])
     assert "clip.visual.proj" not in state["model"]
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    history = metrics_rows(out, drop=())
     assert [row["epoch"] for row in history] == [1, 2] and all(math.isfinite(row["loss"]) for row in history)
 
     # Resume is exact in bert mode too (BERT's dropout draws from the checkpointed RNG state).

@@ -4,6 +4,7 @@ import platform
 import torch
 
 import engine.environment as environment
+from tests.conftest import one_intra_op_thread
 
 
 def test_cpu_model_is_read_from_cpuinfo_else_from_platform(tmp_path, monkeypatch):
@@ -21,12 +22,8 @@ def test_cpu_model_is_read_from_cpuinfo_else_from_platform(tmp_path, monkeypatch
 
 def test_environment_json_records_the_cpu_its_kernels_and_threads(tmp_path, monkeypatch):
     monkeypatch.setattr(environment, "pip_freeze", lambda: None)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_intra_op_thread():
         record = environment.record_environment(tmp_path / "environment.json", start_epoch=0)[-1]
-    finally:
-        torch.set_num_threads(previous)
     assert record["intra_op_threads"] == 1
     assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and record["cpu_capability"]
     assert record["cpu_model"] == environment.cpu_model()

@@ -11,7 +11,8 @@ from tqdm import tqdm
 import engine.environment as environment
 import train
 from engine.run_log import ConsoleCopy, TrainingBoard, epoch_table_header, epoch_table_row
-from tests.conftest import TINY_TRAIN_FLAGS
+from tests.conftest import TINY_TRAIN_FLAGS, metrics_rows
+from utils.errors import CFineError
 
 pytestmark = pytest.mark.usefixtures("module_single_thread")  # tiny runs: threads only add overhead
 
@@ -116,7 +117,7 @@ def test_a_run_writes_train_log_environment_and_tensorboard(processed_root, tmp_
     log = (out / "train.log").read_text()
     assert "steps/epoch" in log and "done: best val R@1" in log and "\r" not in log
     assert log.count(epoch_table_header("val")) == 1 and '{"epoch"' not in log  # the JSON rows: metrics.jsonl only
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    history = metrics_rows(out, drop=())
     assert_log_shows(log, history, epochs=2, first=1)
     env = json.loads((out / "environment.json").read_text())
     assert len(env) == 1 and env[0]["torch"] == torch.__version__ and env[0]["start_epoch"] == 0
@@ -130,7 +131,7 @@ def test_a_run_writes_train_log_environment_and_tensorboard(processed_root, tmp_
     assert train.main(train.parse_args(["--resume", str(out / "last.pt"), "--epochs", "3"])) == 0
     log = (out / "train.log").read_text()
     assert log.count("steps/epoch") == 2 and log.count(epoch_table_header("val")) == 2  # appended, not replaced
-    assert_log_shows(log, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], epochs=3, first=3)
+    assert_log_shows(log, metrics_rows(out, drop=()), epochs=3, first=3)
     assert [r["start_epoch"] for r in json.loads((out / "environment.json").read_text())] == [0, 2]
     assert [s for s, _ in scalars(out / "tb")["val/R1"]][-1] == 3
 
@@ -162,5 +163,5 @@ def test_tensorboard_missing_is_a_one_line_error(processed_root, tmp_path, monke
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
     args = train.parse_args(["--data_root", str(processed_root), "--output_dir", str(tmp_path / "run"),
                              *TINY_TRAIN_FLAGS, "--epochs", "1", "--tensorboard"])
-    with pytest.raises(SystemExit, match="pip install tensorboard"):
+    with pytest.raises(CFineError, match="pip install tensorboard"):
         train.main(args)

@@ -9,7 +9,6 @@ from models import checkpoint as ckpt
 from models.cfine import CFine
 from models.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from models.config import CFineConfig
-from utils import files
 
 
 def test_roundtrip_with_weights_only(tmp_path):
@@ -63,25 +62,6 @@ def test_a_link_planted_at_the_destination_is_replaced_not_written_through(tmp_p
     save_checkpoint({"epoch": 1}, run / "last.pt")
     assert victim.read_text() == "keep me"
     assert not (run / "last.pt").is_symlink() and load_checkpoint(run / "last.pt")["epoch"] == 1
-
-
-def test_stale_temporary_files_are_found_and_removed_and_nothing_else(tmp_path):
-    stale = [".last.pt.k3j_9zq1.tmp", ".metrics.jsonl.abcdefgh.tmp", ".write-check.0a1b2c3d.tmp"]
-    kept = ["last.pt", "notes.tmp", ".hidden", ".last.pt.tmp", "x.abcdefgh.tmp"]
-    for name in stale + kept:
-        (tmp_path / name).write_text("x")
-    assert files.folder_contents(tmp_path) == sorted(kept)
-    assert files.remove_stale_temp_files(tmp_path) == sorted(stale)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
-    assert files.remove_stale_temp_files(tmp_path / "absent") == []
-
-
-def test_writable_folder_check_creates_the_folder_and_fails_on_a_file(tmp_path):
-    files.check_writable_folder(tmp_path / "a" / "b")
-    assert (tmp_path / "a" / "b").is_dir() and list((tmp_path / "a" / "b").iterdir()) == []
-    (tmp_path / "plain").write_text("x")
-    with pytest.raises(OSError):
-        files.check_writable_folder(tmp_path / "plain")
 
 
 def test_missing_truncated_and_foreign_files(tmp_path):

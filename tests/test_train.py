@@ -1,5 +1,5 @@
 """train.py: runs that never overwrite silently, resume that continues the same run exactly (with its own
-settings and its own data), stop signals, non-finite steps, save failures; test.py's checks on the same runs."""
+settings and its own data), stop signals, non-finite steps, save failures."""
 import json
 import os
 import re
@@ -12,19 +12,25 @@ import sys
 import pytest
 import torch
 
-import test as evaluate_script
 import train
 from engine.control import StopRequest
-from engine.environment import cpu_model
+from engine.data import check_resumed_data
+from engine.model_setup import build_model
+from engine.run_files import claim_output_dir
+from engine.run_state import run_settings
+from models.cfine import CFine
 from models.checkpoint import load_checkpoint, save_checkpoint
-from tests.conftest import REPO, TINY_TRAIN_FLAGS
+from tests.conftest import REPO, TIMING_KEYS, TINY_TRAIN_FLAGS, assert_same_tensors, metrics_rows, moved_copy
 from utils import distributed
+from utils.errors import CFineError
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-TIMING_KEYS = ("seconds", "pairs_per_s", "checkpoint_s", "checkpoint_mib")
 # The run every resume below must reproduce: its length, evaluation cadence and limits are not the defaults.
 RUN_FLAGS = [*TINY_TRAIN_FLAGS, "--epochs", "3", "--eval_every", "2", "--max_nonfinite", "7"]
 ONE_PROCESS = distributed.DistInfo()
+# One intra-op thread for the whole module (module fixtures included) and its subprocesses (ONE_THREAD): on a busy
+# 2-core runner two threads made an epoch 20x slower, and runs compared bit for bit must use the same thread count.
+pytestmark = pytest.mark.usefixtures("module_single_thread")
 
 
 def run_train(processed_root, out_dir, *extra):
@@ -36,25 +42,14 @@ def resume(checkpoint, *extra):
     return train.main(train.parse_args(["--resume", str(checkpoint), *extra]))
 
 
-def rows(out_dir, drop=TIMING_KEYS):
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in lines]
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
 def assert_same_run(a_dir, b_dir):
     """Bit-identical weights, optimizer state and metrics rows (timings aside)."""
     a, b = load_checkpoint(a_dir / "last.pt"), load_checkpoint(b_dir / "last.pt")
-    assert_same_weights(a["model"], b["model"])
+    assert_same_tensors(a["model"], b["model"])
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for key in a["optimizer"]["state"]:
         assert torch.equal(a["optimizer"]["state"][key]["exp_avg"], b["optimizer"]["state"][key]["exp_avg"])
-    assert rows(a_dir) == rows(b_dir)
+    assert metrics_rows(a_dir) == metrics_rows(b_dir)
 
 
 class StopAfter(StopRequest):
@@ -70,22 +65,12 @@ class StopAfter(StopRequest):
         return self.left < 0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for the whole module (module fixtures included) and its subprocess: on a busy 2-core
-    runner two threads made an epoch 20x slower, and runs compared bit for bit must use the same thread count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def straight(processed_root, tmp_path_factory):
     """The uninterrupted run (3 epochs, evaluated after epochs 2 and 3)."""
     out = tmp_path_factory.mktemp("straight") / "run"
     assert run_train(processed_root, out, *RUN_FLAGS[len(TINY_TRAIN_FLAGS):]) == 0
-    assert [(r["epoch"], "R1" in r) for r in rows(out)] == [(1, False), (2, True), (3, True)]
+    assert [(r["epoch"], "R1" in r) for r in metrics_rows(out)] == [(1, False), (2, True), (3, True)]
     return out
 
 
@@ -107,7 +92,7 @@ def test_resume_with_a_larger_epochs_extends_the_run_exactly(processed_root, str
     assert args.data_root == str(processed_root) and args.output_dir == str(split)
     assert (args.eval_every, args.max_nonfinite, args.batch_size) == (2, 7, 16)
     assert_same_run(straight, split)
-    assert [r["epoch"] for r in rows(split)] == [1, 2, 3]
+    assert [r["epoch"] for r in metrics_rows(split)] == [1, 2, 3]
 
 
 def test_a_chunked_run_resumes_bit_exactly_and_trains_like_the_whole_batch_run(processed_root, straight, tmp_path,
@@ -122,13 +107,13 @@ def test_a_chunked_run_resumes_bit_exactly_and_trains_like_the_whole_batch_run(p
     assert_same_run(chunked, split)
     assert load_checkpoint(split / "last.pt")["args"]["chunk_size"] == 5
     # The same training signal as the whole-batch run: equal first-epoch losses up to rounding.
-    first, whole = rows(chunked)[0], rows(straight)[0]
+    first, whole = metrics_rows(chunked)[0], metrics_rows(straight)[0]
     for key in ("loss", "loss_cmpm", "loss_cmpc", "loss_diversity", "loss_ranking"):
         assert first[key] == pytest.approx(whole[key], rel=1e-4), key
 
 
 def test_a_chunk_larger_than_the_batch_is_refused_on_resume_too(straight):
-    with pytest.raises(SystemExit, match=r"--chunk_size 17 is larger than the batch \(16 per process\)"):
+    with pytest.raises(CFineError, match=r"--chunk_size 17 is larger than the batch \(16 per process\)"):
         resume(straight / "last.pt", "--epochs", "4", "--chunk_size", "17")
 
 
@@ -151,9 +136,9 @@ def test_sigterm_mid_epoch_saves_and_the_printed_command_reproduces_the_run(proc
     assert printed[:2] == ["python", "train.py"]
     assert train.main(train.parse_args(printed[2:])) == 0
     # The interrupted epoch logs the mean loss of its steps after the resume only; all else is the same.
-    assert rows(out, drop=(*TIMING_KEYS, "loss", "loss_cmpm", "loss_cmpc", "loss_diversity", "loss_ranking")) == \
-        rows(straight, drop=(*TIMING_KEYS, "loss", "loss_cmpm", "loss_cmpc", "loss_diversity", "loss_ranking"))
-    assert_same_weights(load_checkpoint(out / "last.pt")["model"], load_checkpoint(straight / "last.pt")["model"])
+    assert metrics_rows(out, drop=(*TIMING_KEYS, "loss", "loss_cmpm", "loss_cmpc", "loss_diversity", "loss_ranking")) == \
+        metrics_rows(straight, drop=(*TIMING_KEYS, "loss", "loss_cmpm", "loss_cmpc", "loss_diversity", "loss_ranking"))
+    assert_same_tensors(load_checkpoint(out / "last.pt")["model"], load_checkpoint(straight / "last.pt")["model"])
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -167,7 +152,7 @@ def test_sigterm_mid_epoch_saves_and_the_printed_command_reproduces_the_run(proc
 ])
 def test_flags_that_conflict_with_the_resumed_run_are_errors(straight, flags, named):
     before = (straight / "last.pt").read_bytes()
-    with pytest.raises(SystemExit, match=named):
+    with pytest.raises(CFineError, match=named):
         resume(straight / "last.pt", *flags)
     assert (straight / "last.pt").read_bytes() == before
 
@@ -175,7 +160,7 @@ def test_flags_that_conflict_with_the_resumed_run_are_errors(straight, flags, na
 def test_config_values_given_with_resume_are_checked_like_flags(straight, tmp_path):
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"lr_head": 0.5}))
-    with pytest.raises(SystemExit, match='--config .*c.json: "lr_head" 0.5 conflicts .* which has lr_head 0.001'):
+    with pytest.raises(CFineError, match='--config .*c.json: "lr_head" 0.5 conflicts .* which has lr_head 0.001'):
         resume(straight / "last.pt", "--config", str(config))
 
 
@@ -192,22 +177,23 @@ def test_resuming_a_finished_run_without_a_longer_epochs_does_nothing(straight, 
 def test_a_new_run_refuses_a_non_empty_folder_unless_resume_or_overwrite(processed_root, straight, tmp_path, capsys):
     out = copy_run(straight, tmp_path)
     best = (out / "best.pt").read_bytes()
-    with pytest.raises(SystemExit, match=r"is not empty .*--resume .*last\.pt.*--overwrite"):
+    with pytest.raises(CFineError, match=r"is not empty .*--resume .*last\.pt.*--overwrite"):
         run_train(processed_root, out, "--epochs", "1")
-    assert (out / "best.pt").read_bytes() == best and len(rows(out)) == 3
+    assert (out / "best.pt").read_bytes() == best and len(metrics_rows(out)) == 3
     assert run_train(processed_root, out, "--epochs", "1", "--overwrite") == 0
-    assert [r["epoch"] for r in rows(out)] == [1]
+    assert [r["epoch"] for r in metrics_rows(out)] == [1]
     assert load_checkpoint(out / "best.pt")["epoch"] == 1
 
 
 def test_default_output_folders_depend_on_the_dataset_and_never_collide_silently(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cuhk, rstp = train.parse_args([]), train.parse_args(["--dataset", "RSTPReid"])
-    assert str(train.claim_output_dir(cuhk, ONE_PROCESS)) == "runs/cuhk_pedes"
-    assert str(train.claim_output_dir(rstp, ONE_PROCESS)) == "runs/rstpreid"
+    assert str(claim_output_dir(run_settings(cuhk)[0], ONE_PROCESS)) == "runs/cuhk_pedes"
+    assert str(claim_output_dir(run_settings(rstp)[0], ONE_PROCESS)) == "runs/rstpreid"
+    assert cuhk.output_dir is None  # the flags stay as parsed: the run's settings are a copy
     (tmp_path / "runs" / "cuhk_pedes" / "last.pt").write_bytes(b"a run")
-    with pytest.raises(SystemExit, match="runs/cuhk_pedes is not empty"):
-        train.claim_output_dir(train.parse_args([]), ONE_PROCESS)
+    with pytest.raises(CFineError, match="runs/cuhk_pedes is not empty"):
+        claim_output_dir(run_settings(train.parse_args([]))[0], ONE_PROCESS)
 
 
 def test_stale_temporary_files_are_removed_when_a_run_starts(straight, tmp_path):
@@ -216,36 +202,25 @@ def test_stale_temporary_files_are_removed_when_a_run_starts(straight, tmp_path)
     for path in stale:
         path.write_bytes(b"half a checkpoint")
     args = train.parse_args(["--resume", str(out / "last.pt")])
-    train.read_resume(args)
-    assert train.claim_output_dir(args, ONE_PROCESS) == out
+    assert claim_output_dir(run_settings(args)[0], ONE_PROCESS) == out
     assert not any(path.exists() for path in stale) and (out / "last.pt").is_file()
 
 
 # ---------------------------------------------------------------- the run's data
 
 
-def _moved_copy(processed_root, tmp_path, edit_meta=None):
-    copy = shutil.copytree(processed_root, tmp_path / "moved")
-    if edit_meta:
-        meta_path = copy / "CUHK-PEDES" / "meta.json"
-        meta = json.loads(meta_path.read_text())
-        edit_meta(meta)
-        meta_path.write_text(json.dumps(meta))
-    return copy
-
-
-def test_resume_checks_the_data_and_accepts_a_moved_copy(processed_root, straight, tmp_path):
-    moved = _moved_copy(processed_root, tmp_path)
+def test_resume_checks_the_data_and_accepts_amoved_copy(processed_root, straight, tmp_path):
+    moved = moved_copy(processed_root, tmp_path)
     args = train.parse_args(["--resume", str(straight / "last.pt"), "--data_root", str(moved)])
-    state = train.read_resume(args)
-    train.check_resumed_data(args, state)  # the same data elsewhere: fine
+    settings, state = run_settings(args)
+    check_resumed_data(settings, state)  # the same data elsewhere: fine
 
-    other = _moved_copy(processed_root, tmp_path / "x", lambda m: m["annotation"].update(sha256="0" * 64))
-    with pytest.raises(SystemExit, match=r"is not the data .*last\.pt was trained on \(its annotation's sha256 is "
+    other = moved_copy(processed_root, tmp_path / "x", lambda m: m["annotation"].update(sha256="0" * 64))
+    with pytest.raises(CFineError, match=r"is not the data .*last\.pt was trained on \(its annotation's sha256 is "
                                          r"000000000000…"):
         resume(straight / "last.pt", "--epochs", "4", "--data_root", str(other))
-    more = _moved_copy(processed_root, tmp_path / "y", lambda m: m["splits"]["train"].update(ids=99))
-    with pytest.raises(SystemExit, match="its splits are train 99 ids"):
+    more = moved_copy(processed_root, tmp_path / "y", lambda m: m["splits"]["train"].update(ids=99))
+    with pytest.raises(CFineError, match="its splits are train 99 ids"):
         resume(straight / "last.pt", "--epochs", "4", "--data_root", str(more))
 
 
@@ -254,51 +229,9 @@ def test_a_class_count_mismatch_is_an_error_not_an_index_error(processed_root, s
     del state["data"], state["format"]  # as a checkpoint written before the data was recorded
     old = tmp_path / "old" / "last.pt"
     save_checkpoint(state, old)
-    more = _moved_copy(processed_root, tmp_path, lambda m: m["splits"]["train"].update(ids=33))
-    with pytest.raises(SystemExit, match="has 33 training identities, but the run .* has a classifier over 32"):
+    more = moved_copy(processed_root, tmp_path, lambda m: m["splits"]["train"].update(ids=33))
+    with pytest.raises(CFineError, match="has 33 training identities, but the run .* has a classifier over 32"):
         resume(old, "--epochs", "4", "--data_root", str(more))
-
-
-def test_test_py_checks_the_data_but_evaluates_a_moved_copy(processed_root, straight, tmp_path):
-    other = _moved_copy(processed_root, tmp_path / "x", lambda m: m["splits"]["test"].update(images=1))
-    args = evaluate_script.get_args_parser().parse_args(
-        ["--checkpoint", str(straight / "best.pt"), "--data_root", str(other), "--workers", "0", "--no_progress",
-         "--device", "cpu", "--output_dir", str(tmp_path / "eval")])
-    with pytest.raises(SystemExit, match="is not the data .*best.pt was trained on"):
-        evaluate_script.main(args)
-    args.data_root = str(_moved_copy(processed_root, tmp_path))
-    assert evaluate_script.main(args) == 0
-    machine = json.loads((tmp_path / "eval" / "metrics.json").read_text())["machine"]  # what CPU timings depend on
-    assert machine == {"device": "cpu", "gpu": None, "cpu_model": cpu_model(), "intra_op_threads": torch.get_num_threads(),
-                       "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-
-
-# ---------------------------------------------------------------- test.py's output folder
-
-
-def test_test_py_checks_its_output_folder_before_evaluating(straight, tmp_path, monkeypatch):
-    (tmp_path / "taken").write_text("a file, not a folder")
-    monkeypatch.setattr(evaluate_script, "encode_split", lambda *a, **k: pytest.fail("evaluated first"))
-    args = evaluate_script.get_args_parser().parse_args(
-        ["--checkpoint", str(straight / "best.pt"), "--output_dir", str(tmp_path / "taken"), "--device", "cpu"])
-    with pytest.raises(SystemExit, match="--output_dir .*taken: cannot write there"):
-        evaluate_script.main(args)
-
-
-def test_visualize_never_writes_through_a_link_planted_in_the_output_folder(straight, tmp_path):
-    victim = tmp_path / "victim.png"
-    victim.write_bytes(b"not to be touched")
-    pages = tmp_path / "eval" / "visualize"
-    pages.mkdir(parents=True)
-    (pages / "query_000.png").symlink_to(victim)
-    (tmp_path / "eval" / "metrics.json").symlink_to(victim)
-    args = evaluate_script.get_args_parser().parse_args(
-        ["--checkpoint", str(straight / "best.pt"), "--output_dir", str(tmp_path / "eval"), "--visualize", "1",
-         "--workers", "0", "--no_progress", "--device", "cpu"])
-    assert evaluate_script.main(args) == 0
-    assert victim.read_bytes() == b"not to be touched"
-    assert not (pages / "query_000.png").is_symlink() and (pages / "query_000.png").stat().st_size > 1000
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["split"] == "test"
 
 
 # ---------------------------------------------------------------- numerical faults and save failures
@@ -335,8 +268,8 @@ class _NaNGradient(torch.autograd.Function):
 
 
 def _inject(monkeypatch, steps):
-    patch = _Faults(train.CFine.forward, steps)
-    monkeypatch.setattr(train.CFine, "forward", lambda m, *a, **k: patch(m, *a, **k))
+    patch = _Faults(CFine.forward, steps)
+    monkeypatch.setattr(CFine, "forward", lambda m, *a, **k: patch(m, *a, **k))
     return patch
 
 
@@ -344,7 +277,7 @@ def test_non_finite_steps_are_undone_whole_bn_statistics_and_weights_included(pr
                                                                               capsys):
     _inject(monkeypatch, {2: "images", 3: "loss", 5: "grads"})
     assert run_train(processed_root, tmp_path / "nan", "--epochs", "1") == 0
-    row = rows(tmp_path / "nan")[0]
+    row = metrics_rows(tmp_path / "nan")[0]
     assert row["skipped_steps"] == 3
     assert all(torch.isfinite(torch.tensor(v)) for k, v in row.items() if k.startswith("loss"))
     state = load_checkpoint(tmp_path / "nan" / "last.pt")
@@ -363,17 +296,17 @@ def test_divergence_keeps_the_last_good_checkpoint_and_names_it(straight, tmp_pa
     out = copy_run(straight, tmp_path)
     good = load_checkpoint(out / "last.pt")
     _inject(monkeypatch, None)
-    with pytest.raises(SystemExit, match=r"diverged at epoch 4: 4 steps in a row had a non-finite loss .*"
+    with pytest.raises(CFineError, match=r"diverged at epoch 4: 4 steps in a row had a non-finite loss .*"
                                          r"last\.pt holds the last good state"):
         resume(out / "last.pt", "--epochs", "4", "--max_nonfinite", "4")
     kept = load_checkpoint(out / "last.pt")
     assert kept["epoch"] == 3
-    assert_same_weights(kept["model"], good["model"])
+    assert_same_tensors(kept["model"], good["model"])
 
 
 def test_divergence_before_any_checkpoint_says_so(processed_root, tmp_path, monkeypatch):
     _inject(monkeypatch, None)
-    with pytest.raises(SystemExit, match="diverged at epoch 1: .*no checkpoint of this run was written yet") as error:
+    with pytest.raises(CFineError, match="diverged at epoch 1: .*no checkpoint of this run was written yet") as error:
         run_train(processed_root, tmp_path / "new", "--epochs", "1", "--max_nonfinite", "3")
     assert "last.pt" not in str(error.value) and not (tmp_path / "new" / "last.pt").exists()
 
@@ -388,7 +321,7 @@ def test_a_failing_save_is_a_clear_error_and_keeps_the_previous_checkpoint(strai
 
     monkeypatch.setattr("models.checkpoint.torch.save", disk_full)
     monkeypatch.setattr(train, "StopRequest", lambda: StopAfter(1))
-    with pytest.raises(SystemExit, match=r"last\.pt: could not be written .*file write failed.*unchanged"):
+    with pytest.raises(CFineError, match=r"last\.pt: could not be written .*file write failed.*unchanged"):
         resume(out / "last.pt", "--epochs", "4")
     assert (out / "last.pt").read_bytes() == before
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
@@ -408,12 +341,12 @@ def test_config_file_values_and_flag_overrides(tmp_path):
 
 
 def test_missing_processed_data_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match=r"does not exist: run `bash data\.sh"):
+    with pytest.raises(CFineError, match=r"does not exist: run `bash data\.sh"):
         run_train(tmp_path / "nowhere", tmp_path / "out", "--epochs", "1")
 
 
 def test_batch_larger_than_the_data_is_a_clear_error(processed_root, tmp_path):
-    with pytest.raises(SystemExit, match="fewer than one batch"):
+    with pytest.raises(CFineError, match="fewer than one batch"):
         run_train(processed_root, tmp_path / "out", "--epochs", "1", "--batch_size", "100000")
 
 
@@ -425,15 +358,15 @@ def test_clip_path_loads_pretrained_weights_into_the_encoders(tmp_path, capsys):
     pretrained = CLIP(CLIPConfig.tiny(image_size=(64, 32)))
     torch.save({"state_dict": pretrained.state_dict()}, tmp_path / "tiny_clip.pt")
     args = train.parse_args(["--clip", str(tmp_path / "tiny_clip.pt"), "--image_size", "64", "32"])
-    model = train.build_model(args, num_classes=7)
-    assert_same_weights(model.clip.state_dict(), pretrained.state_dict())
+    model = build_model(args, num_classes=7)
+    assert_same_tensors(model.clip.state_dict(), pretrained.state_dict())
     assert model.config.num_classes == 7 and model.config.clip == pretrained.config
-    with pytest.raises(SystemExit, match="--clip: .*damaged.pt: cannot be read"):
+    with pytest.raises(CFineError, match="--clip: .*damaged.pt: cannot be read"):
         (tmp_path / "damaged.pt").write_bytes(b"not a checkpoint")
-        train.build_model(train.parse_args(["--clip", str(tmp_path / "damaged.pt")]), num_classes=7)
+        build_model(train.parse_args(["--clip", str(tmp_path / "damaged.pt")]), num_classes=7)
     torch.save(CLIP(CLIPConfig.tiny()).state_dict(), tmp_path / "square.pt")  # 32x32: its grid can be resized
-    with pytest.raises(SystemExit, match="image_size takes multiples of the patch size 8 of --clip .*square.pt"):
-        train.build_model(train.parse_args(["--clip", str(tmp_path / "square.pt"), "--image_size", "60", "32"]), 7)
+    with pytest.raises(CFineError, match="image_size takes multiples of the patch size 8 of --clip .*square.pt"):
+        build_model(train.parse_args(["--clip", str(tmp_path / "square.pt"), "--image_size", "60", "32"]), 7)
     capsys.readouterr()
     with pytest.raises(SystemExit):
         train.parse_args(["--clip", str(tmp_path / "no-such.pt")])

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from utils.errors import CFineError
+from utils.errors import CFineError, SettingError, run_main
 
 # Collectives wait this long for a late rank (rank 0 writing a checkpoint, a slow evaluation) before failing.
 TIMEOUT = datetime.timedelta(minutes=30)
@@ -41,9 +41,9 @@ def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
     torch_device = torch.device(device)
     if torch_device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("--device cuda was requested but no CUDA GPU is visible; use --device cpu")
+            raise SettingError("--device cuda was requested but no CUDA GPU is visible; use --device cpu")
         if info.enabled and info.local_world_size > torch.cuda.device_count():
-            raise SystemExit(f"torchrun started {info.local_world_size} processes on this node but it has "
+            raise SettingError(f"torchrun started {info.local_world_size} processes on this node but it has "
                              f"{torch.cuda.device_count()} visible GPU(s): use --nproc_per_node "
                              f"{torch.cuda.device_count()} (or fewer)")
         torch_device = torch.device("cuda", info.local_rank if info.enabled else (torch_device.index or 0))
@@ -152,40 +152,31 @@ def gather_rows(local: torch.Tensor) -> torch.Tensor:
 
 
 def run(main, args) -> int:
-    """main(args) for an entry point: the one place where a user-facing error (utils/errors.py) becomes its one-line
-    message on stderr and exit status 1, on one process or many.
-
-    A failing rank of a multi-process run prints its error and leaves at once, without waiting for its peers
-    (they may be blocked in a collective); torchrun's agent stops the other ranks and reports the root cause
-    (written by torch's @record error handler for anything that is not a user-facing error).
+    """main(args) for an entry point that runs under torchrun: on one process utils/errors.py `run_main` (a
+    user-facing error becomes its one line and exit status 1); on several, a failing rank prints its error (that
+    line, or a traceback for anything else) and leaves at once, without waiting for its peers (they may be blocked
+    in a collective): torchrun's agent stops the other ranks and reports the root cause (torch's @record handler).
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    prefix = f"[rank {os.environ.get('RANK', '?')}] " if world_size > 1 else ""
-    try:
-        if world_size == 1:
-            return main(args)
-        from torch.distributed.elastic.multiprocessing.errors import record
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return run_main(main, args)
+    from torch.distributed.elastic.multiprocessing.errors import record
 
+    rank = os.environ.get("RANK", "?")
+    try:
         return record(main)(args)
     except CFineError as error:
-        print(f"{prefix}{error}", file=sys.stderr)
+        print(f"[rank {rank}] {error}", file=sys.stderr)
         code = 1
-    except SystemExit as error:  # argparse's own errors, and an explicit exit status
-        if world_size == 1:
-            raise
-        code = error.code if isinstance(error.code, int) else 0 if error.code is None else 1
-        if not isinstance(error.code, int) and error.code is not None:
-            print(f"{prefix}{error.code}", file=sys.stderr)
-        if code == 0:
+    except SystemExit as error:  # an explicit exit status
+        if not error.code:
             return 0
+        code = error.code if isinstance(error.code, int) else 1
+        if not isinstance(error.code, int):
+            print(f"[rank {rank}] {error.code}", file=sys.stderr)
     except BaseException:
-        if world_size == 1:
-            raise
-        print(f"{prefix}failed; stopping this run:", file=sys.stderr)
+        print(f"[rank {rank}] failed; stopping this run:", file=sys.stderr)
         traceback.print_exc()
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
-    if world_size > 1:
-        os._exit(code)
-    return code
+    os._exit(code)

@@ -1,7 +1,11 @@
 """The one user-facing error type and its kinds. Raised at the boundary (flags, data, checkpoints, BERT folders,
 search indexes) with a message that says what is wrong, where, and what to do; each entry point turns it into
-that one line on stderr and exit status 1 (utils/distributed.py `run`), never a traceback."""
+that one line on stderr and exit status 1 (`run_main` here; utils/distributed.py `run` under torchrun), never a
+traceback."""
 from __future__ import annotations
+
+import sys
+from typing import Any, Callable
 
 
 class CFineError(Exception):
@@ -26,3 +30,12 @@ class BertFolderError(CFineError, RuntimeError):
 
 class SearchIndexError(CFineError, RuntimeError):
     """A search index folder that is missing, damaged, or does not belong to the checkpoint in use."""
+
+
+def run_main(main: Callable[[Any], int], args: Any) -> int:
+    """main(args)'s exit status; a CFineError becomes its message on stderr and exit status 1."""
+    try:
+        return main(args)
+    except CFineError as error:
+        print(error, file=sys.stderr)
+        return 1

@@ -4,7 +4,7 @@ rename), clean-up of what an interrupted write leaves, output-folder checks, and
 
 A fresh folder cannot hold a link planted by someone else, so nothing is ever written through one; a failed or
 killed run leaves the previous folder as it was, plus at most a `.<name>.tmp-*` or `.<name>.old-*` sibling, which
-the next run removes (`remove_stale_folders`)."""
+the next run removes (`remove_stale`)."""
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
-# atomic_write's temporary names: "." + the destination's name + "." + mkstemp's 8 random characters + ".tmp".
-_STALE_TEMP = re.compile(r"^\..+\.([a-z0-9_]{8}|hardlink)\.tmp$")
+# What interrupted writes leave beside their destination <name>: atomic_write's files ".<name>.<mkstemp's 8 random
+# characters>.tmp" (atomic_link's ".<name>.hardlink.tmp"), and replacing_folder's folders ".<name>.tmp-<8>" (being
+# filled) and ".<name>.old-<8>" (the previous folder, moved aside).
+_STALE_FILE = re.compile(r"^\.(?P<name>.+)\.([a-z0-9_]{8}|hardlink)\.tmp$")
+_STALE_FOLDER = re.compile(r"^\.(?P<name>.+)\.(tmp|old)-[a-z0-9_]{8}$")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -48,7 +51,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
 def atomic_link(source: str | os.PathLike, target: str | os.PathLike) -> None:
     """target becomes another name of source's file (a copy where the file system has no hard links), atomically."""
     target = Path(target)
-    temporary = target.with_name(f".{target.name}.hardlink.tmp")  # a stale-temp name: see _STALE_TEMP
+    temporary = target.with_name(f".{target.name}.hardlink.tmp")  # a stale-file name: see _STALE_FILE
     temporary.unlink(missing_ok=True)
     try:
         os.link(source, temporary)
@@ -64,19 +67,27 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 def is_stale_temp(name: str) -> bool:
     """Whether a file name is one of atomic_write's temporary files (left behind only by a killed process)."""
-    return bool(_STALE_TEMP.match(name))
+    return bool(_STALE_FILE.match(name))
 
 
-def remove_stale_temp_files(folder: str | os.PathLike) -> list[str]:
-    """Delete the temporary files that interrupted atomic writes left in folder; returns their names."""
+def remove_stale(folder: str | os.PathLike, of: str | None = None) -> list[str]:
+    """Delete the temporary files and folders that interrupted writes left in folder (only those of the destination
+    named `of`, when given); returns their names."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
     for entry in folder.iterdir():
-        if is_stale_temp(entry.name) and (entry.is_symlink() or entry.is_file()):
+        as_file, as_folder = _STALE_FILE.match(entry.name), _STALE_FOLDER.match(entry.name)
+        if of is not None and (as_file or as_folder) and (as_file or as_folder)["name"] != of:
+            continue
+        if as_file and (entry.is_symlink() or entry.is_file()):
             entry.unlink()
-            removed.append(entry.name)
+        elif as_folder and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            continue
+        removed.append(entry.name)
     return sorted(removed)
 
 
@@ -148,16 +159,6 @@ def write_atomically(out_dir: Path, files: dict[str, bytes]) -> None:
                 f.flush()
                 os.fsync(f.fileno())
 
-
-def remove_stale_folders(out_dir: Path) -> list[str]:
-    """Delete the `.<name>.tmp-*` / `.<name>.old-*` siblings that killed runs left next to out_dir."""
-    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.(tmp|old)-[a-z0-9_]{{8}}$")
-    if not out_dir.parent.is_dir():
-        return []
-    stale = [p for p in out_dir.parent.iterdir() if pattern.match(p.name) and p.is_dir() and not p.is_symlink()]
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-    return sorted(p.name for p in stale)
 
 def sha256_file(path: str | os.PathLike) -> str:
     """SHA256 of a file's bytes, read in 1 MiB blocks."""

@@ -18,7 +18,7 @@ from datasets import BENCHMARKS
 from datasets.base import Benchmark
 from datasets.synthetic.attributes import make_caption, sample_identities
 from datasets.synthetic.drawing import render
-from utils.files import remove_stale_folders, replacing_folder
+from utils.files import remove_stale, replacing_folder
 
 IMAGE_SIZE = (64, 128)  # width, height: a typical pedestrian crop's aspect ratio
 CUHK_SOURCES = ("CUHK01", "CUHK03", "Market", "cam_a", "cam_b", "train_query", "test_query")
@@ -89,7 +89,7 @@ def generate(out: Path, name: str, ids: int, images_per_id: int, seed: int,
     root = Path(out) / name
     people = identities(ids, seed)
     splits = split_of_ids(ids, bench)
-    remove_stale_folders(root)
+    remove_stale(root.parent, of=root.name)
     with replacing_folder(root) as tmp:  # filled, then renamed: no file is written through an existing link
         records = []
         for pid, (attrs, split) in enumerate(zip(people, splits)):

@@ -1,0 +1,52 @@
+"""test.py: it evaluates a moved copy of the run's data but refuses other data, checks its output folder before
+evaluating, records the machine, and never writes through a link planted in its output folder."""
+import json
+
+import pytest
+import torch
+
+import test as evaluate_script
+from engine.environment import cpu_model
+from tests.conftest import moved_copy
+from utils.errors import CFineError
+
+pytestmark = pytest.mark.usefixtures("module_single_thread")
+
+
+def test_test_py_checks_the_data_but_evaluates_amoved_copy(processed_root, tiny_checkpoint, tmp_path):
+    other = moved_copy(processed_root, tmp_path / "x", lambda m: m["splits"]["test"].update(images=1))
+    args = evaluate_script.get_args_parser().parse_args(
+        ["--checkpoint", str(tiny_checkpoint), "--data_root", str(other), "--workers", "0", "--no_progress",
+         "--device", "cpu", "--output_dir", str(tmp_path / "eval")])
+    with pytest.raises(CFineError, match="is not the data .*best.pt was trained on"):
+        evaluate_script.main(args)
+    args.data_root = str(moved_copy(processed_root, tmp_path))
+    assert evaluate_script.main(args) == 0
+    machine = json.loads((tmp_path / "eval" / "metrics.json").read_text())["machine"]  # what CPU timings depend on
+    assert machine == {"device": "cpu", "gpu": None, "cpu_model": cpu_model(), "intra_op_threads": torch.get_num_threads(),
+                       "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def test_test_py_checks_its_output_folder_before_evaluating(tiny_checkpoint, tmp_path, monkeypatch):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    monkeypatch.setattr(evaluate_script, "encode_split", lambda *a, **k: pytest.fail("evaluated first"))
+    args = evaluate_script.get_args_parser().parse_args(
+        ["--checkpoint", str(tiny_checkpoint), "--output_dir", str(tmp_path / "taken"), "--device", "cpu"])
+    with pytest.raises(CFineError, match="--output_dir .*taken: cannot write there"):
+        evaluate_script.main(args)
+
+
+def test_visualize_never_writes_through_a_link_planted_in_the_output_folder(tiny_checkpoint, tmp_path):
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"not to be touched")
+    pages = tmp_path / "eval" / "visualize"
+    pages.mkdir(parents=True)
+    (pages / "query_000.png").symlink_to(victim)
+    (tmp_path / "eval" / "metrics.json").symlink_to(victim)
+    args = evaluate_script.get_args_parser().parse_args(
+        ["--checkpoint", str(tiny_checkpoint), "--output_dir", str(tmp_path / "eval"), "--visualize", "1",
+         "--workers", "0", "--no_progress", "--device", "cpu"])
+    assert evaluate_script.main(args) == 0
+    assert victim.read_bytes() == b"not to be touched"
+    assert not (pages / "query_000.png").is_symlink() and (pages / "query_000.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["split"] == "test"
