@@ -6,11 +6,11 @@ Only the ranks of the positives are needed, and for a positive p
 
     rank(p) = 1 + #{k : s_k > s_p} + #{k < p : s_k == s_p},
 
-so each chunk turns its scores into a strict total order (one int64 key per score: the score's bits
-mapped to an order-preserving integer, then the gallery index as tie-breaker), sorts just the
-positives' keys, places every gallery key among them with one batched binary search, and counts.
+so each chunk turns its scores into a strict total order (`ranking_keys`: one int64 key per score, the
+score's bits mapped to an order-preserving integer, then the gallery index as tie-breaker), sorts just
+the positives' keys, places every gallery key among them with one batched binary search, and counts.
 That is O(G log P) per query instead of the O(G log G) of a full argsort, and memory grows with the
-chunk, never with Q x G.
+chunk, never with Q x G. retrieval/ranking.py's exact top-k ranks with the same keys.
 """
 
 import sys
@@ -81,15 +81,14 @@ def _rank_in_chunks(score_rows, shape, device, query_pids, gallery_pids, ks, chu
     values = torch.empty(rows, num_g, dtype=torch.float32, device=device)
     keys = torch.empty(rows, num_g, dtype=torch.int64, device=device)
     slot = torch.empty(rows, num_g, dtype=torch.int64, device=device)
-    score_words = _key_words(keys)
+    score_words = ranking_keys(keys)  # the tie-break halves are set once: chunks only write the score halves
     has_nan = torch.zeros((), dtype=torch.bool, device=device)
     best_ranks, aps, inps = [], [], []
     for start in range(0, num_q, chunk_size):
         scores = score_rows(start, start + chunk_size)
         n = len(scores)
-        torch.add(scores, 0.0, out=values[:n])  # fp32 copy (contiguous even for a transposed view); -0.0 -> +0.0
+        key_scores(scores, values[:n], score_words[:n])  # values: an fp32 copy, contiguous even for a transposed view
         has_nan |= values[:n].amax().isnan()  # amax propagates NaN: one pass instead of isnan + any
-        order_bits(values[:n].view(torch.int32), out=score_words[:n])
         ident = query_ident[start:start + chunk_size]
         pos_index, valid, count = (t.index_select(0, ident) for t in (pos_table, pos_valid, pos_count))
         ranks = _positive_ranks(keys[:n], pos_index, valid, out=slot[:n])
@@ -169,15 +168,45 @@ def _positive_table(query_pids: Tensor, gallery_pids: Tensor):
     return table, valid, counts, query_ident
 
 
-def _key_words(keys: Tensor) -> Tensor:
-    """Set the low 32 bits of every int64 key to its tie-break and return a view of the high 32 bits."""
-    num_g = keys.shape[1]
-    words = keys.view(torch.int32).view(*keys.shape, 2)
-    high = 1 if sys.byteorder == "little" else 0
-    # Lower gallery index -> larger low word -> ranks first among equal scores. Set once: chunks
-    # only ever write the high words.
-    words[..., 1 - high].copy_(torch.arange(num_g - 1, -1, -1, dtype=torch.int32, device=keys.device))
-    return words[..., high]
+# Ranking keys: one int64 per (query, gallery column) whose descending order is the ranking. The high 32 bits hold
+# the score's order-preserving integer (order_bits), the low 32 bits MAX_KEYED_COLUMNS - index, so that among equal
+# scores the lower index has the larger key. One key per score makes the order strict, so a sort, a binary search or
+# torch.topk (which does not order ties) all give the same ranking.
+MAX_KEYED_COLUMNS = (1 << 32) - 1
+_HIGH_WORD = 1 if sys.byteorder == "little" else 0  # the int32 half of an int64 holding its high bits
+
+
+def ranking_keys(keys: Tensor, first_index: int = 0) -> Tensor:
+    """Make an int64 (rows, n) buffer the ranking keys of gallery columns first_index.. and return their score halves.
+
+    Sets the tie-break (low) half of every key; the returned int32 view of the high halves is what key_scores fills,
+    so a buffer reused for many rows of scores of the same columns needs this call once.
+    """
+    num_columns = keys.shape[-1]
+    if first_index < 0 or first_index + num_columns > MAX_KEYED_COLUMNS:
+        raise ValueError(f"gallery columns {first_index}..{first_index + num_columns - 1}: ranking keys tell apart "
+                         f"at most {MAX_KEYED_COLUMNS} columns")
+    columns = torch.arange(first_index, first_index + num_columns, device=keys.device)
+    keys.copy_(MAX_KEYED_COLUMNS - columns)  # high halves 0 until key_scores writes them
+    return keys.view(torch.int32).view(*keys.shape, 2)[..., _HIGH_WORD]
+
+
+def key_scores(scores: Tensor, values: Tensor, score_words: Tensor) -> None:
+    """Write scores into the score halves of their ranking keys (ranking_keys' view), through values.
+
+    values: an fp32 buffer of scores' shape (scores itself when it is one) that is left holding the scores in fp32
+    with -0.0 made +0.0: the two compare equal, so their keys must tie too.
+    """
+    torch.add(scores, 0.0, out=values)
+    order_bits(values.view(torch.int32), out=score_words)
+
+
+def decode_ranking_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """The fp32 scores and int64 gallery indices that int64 ranking keys stand for."""
+    indices = MAX_KEYED_COLUMNS - (keys & MAX_KEYED_COLUMNS)
+    score_bits = torch.empty(keys.shape, dtype=torch.int32, device=keys.device)
+    order_bits(keys.bitwise_right_shift(32).int(), out=score_bits)  # order_bits is its own inverse
+    return score_bits.view(torch.float32), indices
 
 
 def order_bits(bits: Tensor, out: Tensor) -> Tensor:

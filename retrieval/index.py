@@ -4,10 +4,12 @@
                                  file's name, and [relative path, size, mtime_ns] of every indexed image
     INDEX/features-<token>.npy   (N, D) float16 retrieval features, row i = image i (NumPy's .npy format)
 
-A rewrite writes a new features file under a new name, then renames the new manifest over the old one (the
-commit), then removes the old features file: a reader sees the old pair or the new one, never a mix, and
-an interrupted rewrite leaves the old index usable. Paths are written with os.replace, which replaces a
-link rather than writing through it; an INDEX that is itself a symlink is refused.
+A rewrite writes a new features file under a new name, then replaces the manifest (the commit), then removes
+the old features file: a reader sees the old pair or the new one, never a mix, and an interrupted rewrite
+leaves the old index usable. Both files are written with utils/files.py's atomic_write (a temporary file
+renamed over the destination, which replaces a link rather than writing through it); the next rewrite
+removes what a killed one left (its temporary files, an uncommitted features file). An INDEX that is itself
+a symlink is refused.
 """
 from __future__ import annotations
 
@@ -22,14 +24,12 @@ import numpy as np
 
 from retrieval.image_folder import ImageFile, inside
 from utils.errors import SearchIndexError
-from utils.files import atomic_write, sha256_file
+from utils.files import atomic_write, remove_stale, sha256_file
 
 FORMAT = "cfine-search-index-v1"
 MANIFEST = "manifest.json"
 FEATURE = "concat"  # the paper's retrieval feature: L2-normalised [global, lg1, lg2]
 REBUILD = "rebuild it with `python search.py index --checkpoint CK --images DIR --out INDEX`"
-
-
 
 
 def checkpoint_identity(path: str | os.PathLike) -> dict:
@@ -134,7 +134,8 @@ def write_index(location: str | os.PathLike, image_root: str | os.PathLike, chec
     """Write an index folder atomically: the features (row blocks, in image order) first, then the manifest."""
     location = Path(location)
     _refuse_link(location)
-    previous = sorted(location.glob("features-*.npy")) if location.is_dir() else []
+    remove_stale(location)  # what killed rewrites left: atomic_write's temporary files
+    previous = sorted(location.glob("features-*.npy")) if location.is_dir() else []  # committed or left by a kill
     features_name = f"features-{uuid.uuid4().hex[:12]}.npy"
     manifest = {"format": FORMAT, "image_root": os.path.abspath(image_root), "checkpoint": checkpoint,
                 "feature": FEATURE, "dim": dim, "dtype": "float16", "count": len(images), "features": features_name}
@@ -142,7 +143,7 @@ def write_index(location: str | os.PathLike, image_root: str | os.PathLike, chec
         atomic_write(location / features_name, lambda f: _write_npy(f, blocks, len(images), dim))
         atomic_write(location / MANIFEST, lambda f: f.write(_manifest_text(manifest, images).encode("utf-8")))
     except OSError as error:
-        (location / features_name).unlink(missing_ok=True)
+        (location / features_name).unlink(missing_ok=True)  # written, but the manifest naming it was not
         raise SearchIndexError(f"{location}: could not be written ({error}); the previous index there, if any, "
                                "is unchanged. Free disk space or pass another --out") from error
     for old in previous:

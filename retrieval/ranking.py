@@ -3,10 +3,9 @@
 Every gallery feature is scored (no approximate index). The gallery may be a memory-mapped fp16 array on
 disk: it is read one chunk at a time, converted to fp32 in a small reused buffer (sized to stay in the CPU's
 cache) and multiplied with the fp32 queries, so the scores are the fp32 dot products test.py computes from
-the same stored features. Ranking convention as evaluation/metrics.py: highest score first, and among equal
-scores the lower gallery index first (a stable descending sort gives the same order). To make that exact
-under torch.topk, which does not order ties, each score becomes one int64 key: the score's order-preserving
-bits in the high word, the reversed gallery index in the low word.
+the same stored features. The ranking is evaluation/metrics.py's, with its keys: highest score first, and among
+equal scores the lower gallery index first (a stable descending sort gives the same order). torch.topk does not
+order ties, so it selects the largest `ranking_keys` (one int64 per score, distinct for every gallery row).
 """
 from __future__ import annotations
 
@@ -17,9 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from evaluation.metrics import order_bits
+from evaluation.metrics import MAX_KEYED_COLUMNS, decode_ranking_keys, key_scores, ranking_keys
 
-_LOW_WORD = (1 << 32) - 1  # galleries up to 2^32 - 1 images
 CHUNK_ROWS = 1024  # 1024 x 1536 fp32 = 6 MiB: converted chunk and its product stay in cache
 BLOCK_ROWS = 1 << 16  # columns scored before one top-k: Q x 64 Ki x 12 bytes of scores and keys
 
@@ -66,8 +64,8 @@ def top_k(queries: Tensor, gallery, k: int, chunk_rows: int | None = None, block
     num_gallery = len(gallery)
     if num_gallery == 0:
         raise ValueError("the gallery is empty: there is nothing to rank")
-    if num_gallery > _LOW_WORD:
-        raise ValueError(f"the gallery has {num_gallery} rows; at most {_LOW_WORD} are supported")
+    if num_gallery > MAX_KEYED_COLUMNS:
+        raise ValueError(f"the gallery has {num_gallery} rows; at most {MAX_KEYED_COLUMNS} are supported")
     queries = queries.float()
     device, num_queries = queries.device, len(queries)
     k = min(k, num_gallery)
@@ -75,7 +73,7 @@ def top_k(queries: Tensor, gallery, k: int, chunk_rows: int | None = None, block
     block_rows = max(block_rows, chunk_rows)
     chunk = torch.empty(chunk_rows, queries.shape[1], device=device)
     scores = torch.empty(num_queries, min(block_rows, num_gallery), device=device)
-    high = torch.empty(scores.shape, dtype=torch.int32, device=device)
+    keys = torch.empty(scores.shape, dtype=torch.int64, device=device)
     best = torch.empty(num_queries, 0, dtype=torch.int64, device=device)
     with _cpu_threads(cpu_threads if device.type == "cpu" else None):
         for start in range(0, num_gallery, block_rows):
@@ -84,13 +82,8 @@ def top_k(queries: Tensor, gallery, k: int, chunk_rows: int | None = None, block
                 rows = _as_tensor(gallery[chunk_start:min(chunk_start + chunk_rows, stop)])
                 converted = chunk[:len(rows)].copy_(rows)
                 torch.mm(queries, converted.t(), out=scores[:, chunk_start - start:chunk_start - start + len(rows)])
-            block = scores[:, :stop - start].add_(0.0)  # -0.0 -> +0.0: equal scores must get equal high words
-            order_bits(block.view(torch.int32), out=high[:, :stop - start])
-            reversed_index = _LOW_WORD - torch.arange(start, stop, device=device)
-            keys = high[:, :stop - start].long().bitwise_left_shift_(32).bitwise_or_(reversed_index)
-            candidates = torch.cat([best, keys.topk(min(k, stop - start), dim=1).values], dim=1)
+            block, block_keys = scores[:, :stop - start], keys[:, :stop - start]
+            key_scores(block, block, ranking_keys(block_keys, start))
+            candidates = torch.cat([best, block_keys.topk(min(k, stop - start), dim=1).values], dim=1)
             best = candidates.topk(min(k, candidates.shape[1]), dim=1).values  # sorted: best first
-    indices = _LOW_WORD - (best & _LOW_WORD)
-    score_bits = torch.empty(best.shape, dtype=torch.int32, device=device)
-    order_bits(best.bitwise_right_shift(32).int(), out=score_bits)  # order_bits is its own inverse
-    return TopK(score_bits.view(torch.float32), indices)
+    return TopK(*decode_ranking_keys(best))

@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from retrieval.page import DEFAULT_K, IMAGE_ROUTE, MAX_K, MAX_QUERY_CHARS, render_page
 from retrieval.text_search import TextSearch
+from utils.errors import SettingError
 
 
 class BadRequest(ValueError):
@@ -59,6 +60,26 @@ class SearchServer(ThreadingHTTPServer):
         index = search.index
         self.about = (f"{len(index.images)} images in {_shown(index.image_root)} · "
                       f"checkpoint {_shown(index.checkpoint['path'])}")
+
+
+def serve(search: TextSearch, host: str, port: int) -> None:
+    """Serve the search page on host:port (0: a free port), printing its URL, until Ctrl-C."""
+    try:
+        server = SearchServer((host, port), search)
+    except OSError as error:
+        raise SettingError(f"--host {host} --port {port}: cannot listen there ({error.strerror}); "
+                           "pass another --port (0 picks a free one)") from None
+    host, port = server.server_address[:2]
+    print(f"serving {len(search.index.images)} images of {search.index.image_root} at http://{host}:{port}/ "
+          f"(up to {MAX_K} results per query; Ctrl-C stops)", flush=True)
+    if host not in ("127.0.0.1", "localhost"):
+        print(f"note: --host {host} makes the page reachable from other machines", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how the server is meant to stop
+    finally:
+        server.server_close()
 
 
 class SearchHandler(BaseHTTPRequestHandler):

@@ -1,16 +1,19 @@
-"""Sentences -> ranked images of a search index: the index's checkpoint encodes the text, gallery_search ranks.
+"""Sentences -> ranked images of a search index: the index's checkpoint encodes the text, ranking.top_k ranks.
 
 The query side is test.py's: `model.tokenize` (over-long text is truncated with a warning), `encode_texts`,
-the concatenated retrieval feature in fp32; the gallery side is the index's stored fp16 features.
+the concatenated retrieval feature in fp32; the gallery side is the index's stored fp16 features. The results
+are written as `search.py query` shows them: a table, JSON lines, or PNG pages.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from evaluation.visualize import ranking_page
 from models.cfine import CFine, retrieval_features
 from models.checkpoint import load_model
 from retrieval.index import FEATURE, SearchIndex, SearchIndexError, read_index
@@ -66,3 +69,33 @@ def load_text_search(location: str | os.PathLike, device: torch.device,
                                "features. Pass the original file with --checkpoint, or rebuild the index")
     model, _ = load_model(path, device)
     return TextSearch(index, model, device, cpu_threads)
+
+
+def hits_json(sentence: str, hits: list[Hit], image_root: Path) -> str:
+    """One JSON line: the sentence and its ranked images (rank, score, relative path, file)."""
+    return json.dumps({"query": sentence, "results": [
+        {"rank": h.rank, "score": h.score, "path": h.path, "file": str(image_root / h.path)} for h in hits]},
+        ensure_ascii=False)
+
+
+def hits_table(sentence: str, hits: list[Hit], image_root: Path, total: int) -> str:
+    """A sentence's ranked images as a table (rank, score, path), headed by what was searched."""
+    return "\n".join([f"{sentence!r}: top {len(hits)} of {total} images in {image_root}",
+                      f"{'rank':>6s} {'score':>7s}  image", *(f"{h.rank:6d} {h.score:7.4f}  {h.path}" for h in hits)])
+
+
+def page_paths(page: str | os.PathLike, count: int) -> list[Path]:
+    """OUT.png for one sentence; OUT.png, OUT-2.png, ... for several."""
+    out = Path(page)
+    return [out] + [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(2, count + 1)]
+
+
+def write_pages(page: str | os.PathLike, sentences: list[str], results: list[list[Hit]], image_root: Path,
+                total: int) -> list[Path]:
+    """One PNG per sentence (page_paths): the sentence and its ranked images with rank and score; returns the paths."""
+    paths = page_paths(page, len(results))
+    for sentence, hits, out in zip(sentences, results, paths):
+        ranking_page(sentence, [str(image_root / h.path) for h in hits], None, out,
+                     title=f"top {len(hits)} of {total} images in {image_root}",
+                     labels=[f"{h.rank}: {h.score:.3f}" for h in hits])
+    return paths

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from evaluation.metrics import evaluate_ranking, evaluate_retrieval
+from evaluation.metrics import MAX_KEYED_COLUMNS, decode_ranking_keys, evaluate_ranking, evaluate_retrieval, key_scores, ranking_keys
 
 KS = (1, 2, 5, 10, 1000)
 
@@ -87,6 +87,23 @@ def test_signed_zeros_tie():
     # -0.0 == 0.0, so the tie goes to the lower index and the positive (index 1) ranks second.
     result = evaluate_ranking(torch.tensor([[-0.0, 0.0]]), [6], [5, 6], ks=(1,))
     assert result["R1"] == 0.0 and result["mAP"] == 50.0
+
+
+def test_ranking_keys_sort_like_the_stable_descending_sort_and_decode():
+    # Signed zeros, infinities, the smallest subnormals and repeated values: the keys' order is the ranking's.
+    scores = torch.tensor([[0.5, -0.0, 0.0, -1.5, 0.5, float("inf"), -float("inf"), 1e-45, -1e-45, -1.5],
+                           [-0.0, -0.0, 2.0, 0.0, -2.0, 2.0, 1e-45, -1e-45, 0.0, 3.0]])
+    for given in (scores, scores.bfloat16()):  # any float dtype in, fp32 values out
+        keys, values = torch.empty(scores.shape, dtype=torch.int64), torch.empty(scores.shape)
+        key_scores(given, values, ranking_keys(keys, first_index=7))
+        expected = torch.sort(given.float(), dim=1, descending=True, stable=True)
+        ranked = keys.sort(dim=1, descending=True)
+        assert torch.equal(ranked.indices, expected.indices) and all(len(set(row)) == len(row) for row in keys.tolist())
+        decoded, indices = decode_ranking_keys(ranked.values)
+        assert torch.equal(indices, expected.indices + 7) and torch.equal(values, given.float())
+        assert torch.equal(decoded, expected.values) and not decoded[decoded == 0].signbit().any()
+    with pytest.raises(ValueError, match="at most"):
+        ranking_keys(torch.empty(1, 2, dtype=torch.int64), first_index=MAX_KEYED_COLUMNS - 1)
 
 
 @pytest.mark.parametrize("integer_scores", [True, False])

@@ -21,6 +21,7 @@ from retrieval.image_folder import ImageFiles, scan_image_folder
 from retrieval.index import SearchIndexError, gather_rows, open_for_update, read_index, write_index
 from retrieval.ranking import top_k
 from tests.tolerance import assert_close
+from utils.errors import run_main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -124,6 +125,14 @@ def test_index_round_trip_is_memory_mapped_and_rewrites_atomically(tmp_path, mon
     monkeypatch.undo()
     assert np.array_equal(read_index(index).features, features)
     assert sorted(p.name for p in index.iterdir()) == [Path(loaded.features.filename).name, "manifest.json"]
+    # What a killed rewrite leaves (atomic_write's temporary files, a features file the manifest never named) goes
+    # with the next rewrite.
+    for name in (".manifest.json.abcd1234.tmp", ".features-0123456789ab.npy.x1y2z3w4.tmp", "features-0123456789ab.npy"):
+        (index / name).write_bytes(b"left by a kill")
+    write_index(index, photos, identity, images, 6, [features + 2])
+    rewritten = read_index(index)
+    assert np.array_equal(rewritten.features, features + 2)
+    assert sorted(p.name for p in index.iterdir()) == [Path(rewritten.features.filename).name, "manifest.json"]
 
     other = {"path": "other.pt", "sha256": "cd" * 32}
     with pytest.raises(SearchIndexError, match="another checkpoint.*pass another --out.*or delete"):
@@ -150,6 +159,18 @@ def test_gather_rows_takes_each_row_from_its_part():
 
 
 # --- search.py ---------------------------------------------------------------------------------------------------
+
+def test_cli_errors_are_one_line_and_exit_status_1(tmp_path, capsys):
+    """search.py's entry (utils/errors.run_main) turns the retrieval errors into their message and status 1."""
+    for argv, message in ((["query", "--index", tmp_path / "none", "someone", "--device", "cpu"],
+                           f"{tmp_path / 'none'} does not exist: build one with `python search.py index"),
+                          (["query", "--index", tmp_path / "none", "  ", "--device", "cpu"], "a SENTENCE is empty"),
+                          (["index", "--checkpoint", tmp_path / "ck.pt", "--images", tmp_path / "photos", "--device",
+                            "cpu"], f"--images {tmp_path / 'photos'}: no such folder")):
+        assert run_main(search.main, search.get_args_parser().parse_args([str(a) for a in argv])) == 1
+        error = capsys.readouterr().err
+        assert message in error and error.count("\n") == 1 and "Traceback" not in error
+
 
 def test_index_updates_only_what_changed_and_query_prints_rankings(tiny_checkpoint, test_split_photos, tmp_path,
                                                                      capsys):
@@ -188,7 +209,7 @@ def test_index_updates_only_what_changed_and_query_prints_rankings(tiny_checkpoi
     state = torch.load(tiny_checkpoint, weights_only=True)
     state["epoch"] = 99
     save_checkpoint({k: v for k, v in state.items() if k != "format"}, other)
-    with pytest.raises(SystemExit, match="another checkpoint.*another --out.*delete"):
+    with pytest.raises(SearchIndexError, match="another checkpoint.*another --out.*delete"):
         build(other, photos, index)
 
     long_sentence = " ".join(["a woman in a long red coat carrying a black bag"] * 12)
@@ -209,7 +230,7 @@ def test_index_updates_only_what_changed_and_query_prints_rankings(tiny_checkpoi
     alone = json.loads(capsys.readouterr().out)["results"]  # encoded alone and scanned on two threads
     assert [r["path"] for r in alone] == [r["path"] for r in lines[0]["results"]]
     assert_close([r["score"] for r in alone], scores, 2e-6)  # fp32 roundings of another batch, relative (measured 1.9e-7)
-    with pytest.raises(SystemExit, match="not the checkpoint.*was built with"):
+    with pytest.raises(SearchIndexError, match="not the checkpoint.*was built with"):
         run_search("query", "--index", index, "--checkpoint", other, "--device", "cpu", "someone")
 
 

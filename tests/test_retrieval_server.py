@@ -3,6 +3,7 @@ import http.client
 import os
 import queue
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -18,9 +19,10 @@ import search
 from datasets.processed import load_split
 from retrieval.index import read_index
 from retrieval.page import render_page
-from retrieval.server import BadRequest, parse_search
+from retrieval.server import BadRequest, parse_search, serve
 from retrieval.text_search import Hit
 from tests.conftest import REPO
+from utils.errors import SettingError
 
 STARTUP_S = 120  # a busy 2-core runner loads torch and the model slowly
 
@@ -42,6 +44,15 @@ def test_page_escapes_user_and_file_text():
     assert "<script>" not in page and "<img src=x" not in page and "<i>" not in page and "<b>" not in page
     assert "&lt;script&gt;" in page and "&lt;i&gt;note&lt;/i&gt;" in page
     assert 'src="/image/a%20dir/%22%3E%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E.png"' in page
+
+
+def test_a_port_in_use_is_a_one_line_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SettingError, match=f"--port {port}: cannot listen there.*pass another --port"):
+            serve(SimpleNamespace(), "127.0.0.1", port)  # fails at bind, before the search is used
 
 
 def wait_for_url(process: subprocess.Popen) -> str:
