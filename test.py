@@ -45,7 +45,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     ARGS = get_args_parser().parse_args()
 
-import torch
 
 from datasets.build import available_splits, build_eval_data, loader_workers
 from datasets.processed import check_same_data
@@ -53,30 +52,12 @@ from engine.data import held_out_ids
 from engine.environment import machine
 from evaluation.curves import plot_training_curves
 from evaluation.encode import encode_split, format_table, score_split
-from evaluation.visualize import ranking_page
-from models.cfine import retrieval_features
+from evaluation.visualize import query_pages
 from models.checkpoint import load_model
 from models.precision import resolve_amp
 from utils import distributed
 from utils.errors import DataError, SettingError
 from utils.files import check_writable_folder, write_json
-
-
-def visualize(encoded, data, out_dir: Path, count: int, top: int = 10) -> list[Path]:
-    """Pages for `count` queries spread evenly over the split: caption, top-`top` gallery, matches in green."""
-    queries = retrieval_features(encoded.queries, "concat")
-    gallery = retrieval_features(encoded.gallery, "concat")
-    picks = torch.linspace(0, len(queries) - 1, steps=min(count, len(queries))).round().long().unique()
-    pages = []
-    for rank, q in enumerate(picks.tolist()):
-        scores = gallery @ queries[q]
-        order = torch.sort(scores, descending=True, stable=True).indices[:top]  # ties: lower index first, as the metrics
-        matches = (encoded.gallery_pids[order] == encoded.query_pids[q]).tolist()
-        path = out_dir / f"query_{rank:03d}.png"
-        ranking_page(data.query_captions[q], [data.gallery_paths[i] for i in order.tolist()], matches, path,
-                     title=f"query {q} (id {int(encoded.query_pids[q])}): top {top} of {len(gallery)}")
-        pages.append(path)
-    return pages
 
 
 def carved_ids(state: dict, split: str, dataset: str) -> list[int]:
@@ -126,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
                                               **results, "machine": machine(device)})
         print(f"wrote {out_dir / 'metrics.json'}")
         if args.visualize > 0:
-            pages = visualize(encoded, data, out_dir / "visualize", args.visualize)
+            pages = query_pages(encoded, data, out_dir / "visualize", args.visualize)
             print(f"wrote {len(pages)} pages to {out_dir / 'visualize'}")
         if args.plot:
             metrics = Path(args.checkpoint).parent / "metrics.jsonl"

@@ -209,6 +209,14 @@ def decode_ranking_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
     return score_bits.view(torch.float32), indices
 
 
+def top_ranked(scores: Tensor, k: int) -> Tensor:
+    """Gallery indices of the k best scores of each row (rows, n), in the metrics' ranking order (ties: lower index
+    first)."""
+    keys = torch.empty(scores.shape, dtype=torch.int64, device=scores.device)
+    key_scores(scores, torch.empty(scores.shape, dtype=torch.float32, device=scores.device), ranking_keys(keys))
+    return decode_ranking_keys(keys.topk(min(k, scores.shape[-1]), dim=-1).values)[1]
+
+
 def order_bits(bits: Tensor, out: Tensor) -> Tensor:
     """Map fp32 bit patterns to int32 that order like the floats (the high word of each int64 key).
 

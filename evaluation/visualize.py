@@ -5,8 +5,11 @@ import textwrap
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from evaluation.metrics import top_ranked
+from models.cfine import retrieval_features
 from utils.files import atomic_write
 
 GREEN, RED, GREY, BLACK, WHITE = (40, 170, 60), (210, 40, 40), (150, 150, 150), (20, 20, 20), (255, 255, 255)
@@ -54,3 +57,20 @@ def ranking_page(caption: str, image_paths: Sequence[str], is_match: Sequence[bo
         label_width = draw.textlength(label, font=_font(12))
         draw.text((x + (width - label_width) // 2, y + height + 2), label, fill=BLACK, font=_font(12))
     save_picture(page, out_path)
+
+
+def query_pages(encoded, data, out_dir: Path, count: int, top: int = 10) -> list[Path]:
+    """Pages for `count` queries spread evenly over an encoded split (evaluation/encode.py): caption, top-`top`
+    gallery in the metrics' ranking order, matches in green."""
+    queries = retrieval_features(encoded.queries, "concat")
+    gallery = retrieval_features(encoded.gallery, "concat")
+    picks = torch.linspace(0, len(queries) - 1, steps=min(count, len(queries))).round().long().unique()
+    pages = []
+    for rank, q in enumerate(picks.tolist()):
+        order = top_ranked((gallery @ queries[q])[None], top)[0]
+        matches = (encoded.gallery_pids[order] == encoded.query_pids[q]).tolist()
+        path = Path(out_dir) / f"query_{rank:03d}.png"
+        ranking_page(data.query_captions[q], [data.gallery_paths[i] for i in order.tolist()], matches, path,
+                     title=f"query {q} (id {int(encoded.query_pids[q])}): top {top} of {len(gallery)}")
+        pages.append(path)
+    return pages

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from evaluation.metrics import MAX_KEYED_COLUMNS, decode_ranking_keys, evaluate_ranking, evaluate_retrieval, key_scores, ranking_keys
+from evaluation.metrics import (
+    MAX_KEYED_COLUMNS,
+    decode_ranking_keys,
+    evaluate_ranking,
+    evaluate_retrieval,
+    key_scores,
+    ranking_keys,
+    top_ranked,
+)
 
 KS = (1, 2, 5, 10, 1000)
 
@@ -151,3 +159,10 @@ def test_invalid_inputs_raise_clear_errors():
         evaluate_ranking(similarity, [1, 2, 3], [1, 2, 3, 4], chunk_size=0)
     with pytest.raises(ValueError, match="ks"):
         evaluate_ranking(similarity, [1, 2, 3], [1, 2, 3, 4], ks=(0,))
+
+
+def test_top_ranked_orders_like_the_stable_descending_sort_with_ties_and_signed_zeros():
+    scores = torch.tensor([[0.5, -0.0, 0.9, 0.5, 0.0, 0.9, -1.0], [1.0, 1.0, 1.0, -2.0, 3.0, 0.0, -0.0]])
+    expected = torch.sort(scores + 0.0, dim=-1, descending=True, stable=True).indices[:, :5]  # -0.0 + 0.0 = +0.0
+    assert torch.equal(top_ranked(scores, 5), expected)
+    assert top_ranked(scores, 99).shape == (2, 7)
