@@ -12,10 +12,10 @@ Reference point: the authors' log shows about 71 pairs/s (batch 32, fp32, one RT
 With --chunk_size the whole-batch step and the gradient-caching step (train.py --chunk_size) each run in a
 subprocess of their own, one after the other, and the run ends with
     peak memory: unchunked X MiB, chunked Y MiB (Z.Zx less); pairs/s: unchunked A, chunked B
-Peak memory is what a training step adds to the memory held between steps (weights, gradients, Adam and
-StepGuard state): on CPU the growth of the peak resident set (VmHWM, reset after the warm-up steps; glibc's
-mmap threshold fixed so freed tensors leave the resident set); on CUDA the growth of max_memory_allocated
-over memory_allocated between steps.
+Peak memory is what a training step adds to the memory held between steps (weights, gradients, Adam's
+moments, StepGuard's copy of the BN statistics): on CPU the growth of the peak resident set (VmHWM, reset
+after the warm-up steps; glibc's mmap threshold fixed so freed tensors leave the resident set); on CUDA the
+growth of max_memory_allocated over memory_allocated between steps.
 A third subprocess measures the chunked step's whole-batch phase alone (cached tokens, head, losses, backward)
 at 1, 4, 16 and 64 times the batch and fits it with a B^2 term (the B x B similarities). From these peaks it
 computes each pair's encoder memory and the largest batch that fits a GPU, whole and chunked.
@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clip.config import CLIPConfig  # noqa: E402
 from clip.model import TokenFeatures  # noqa: E402
 from engine.grad_cache import forward_backward  # noqa: E402
+from engine.loop import guarded_update  # noqa: E402
 from engine.settings import AMP_MODES  # noqa: E402
 from engine.step_guard import StepGuard  # noqa: E402
 from models.cfine import CFine  # noqa: E402
@@ -49,9 +50,9 @@ from models.precision import autocast, resolve_amp  # noqa: E402
 
 AUTHORS_PAIRS_PER_S = 71.0
 GPU_GIB = (8, 16, 24, 80)  # the table's GPU sizes, GiB
-# Between steps each trainable fp32 parameter holds: weight 4, gradient 4, Adam's two moments 8, and StepGuard's
-# copies of the weight and the moments 12 bytes (engine/step_guard.py).
-STATE_BYTES_PER_PARAM = 28
+# Between steps each trainable fp32 parameter holds: weight 4, gradient 4, Adam's two moments 8 bytes. StepGuard
+# adds nothing per parameter: it skips a bad step before the update and copies only the buffers (engine/step_guard.py).
+STATE_BYTES_PER_PARAM = 16
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -69,7 +70,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text_encoder", "--text-encoder", nargs="+", choices=["clip", "bert"], default=["clip"],
                         help="one or more; bert needs `transformers` (requirements-bert.txt)")
     parser.add_argument("--no_guard", "--no-guard", action="store_true",
-                        help="time the bare step, without train.py's StepGuard (its copy of the state and its one sync)")
+                        help="time the bare step, without train.py's StepGuard (its gradient check, its copy of the BN "
+                             "statistics and its one sync)")
     parser.add_argument("--chunk_size", "--chunk-size", type=int, default=None,
                         help="compare the whole-batch step with gradient caching in chunks of this many pairs "
                              "(peak memory and pairs/s, each in a subprocess)")
@@ -124,22 +126,23 @@ class Runner:
         vocab = self.model.config.bert["vocab_size"] if text_encoder == "bert" else 49408
         self.tokens = random_ids(text_encoder, args.batch, vocab, device)
         self.pids = torch.randint(0, min(max(2, args.batch // 2), args.num_classes), (args.batch,), device=device)
-        self.guard = None if args.no_guard else StepGuard(self.model, self.optimizer, args.warmup + args.steps + 1)
+        self.guard = None if args.no_guard else StepGuard(self.model, args.warmup + args.steps + 1)
         self.chunk_size = chunk_size
         self.times: list[float] = []
 
     def step(self, timed: bool = True) -> torch.Tensor:
-        """train.py's step: guard copy, forward and backward (whole, or chunked), update, one verdict."""
+        """train.py's step (engine/loop.py): buffer copy, forward and backward (whole, or chunked), guarded update."""
         start = time.perf_counter()
         if self.guard:
-            self.guard.save()
+            self.guard.save_buffers()
         self.optimizer.zero_grad(set_to_none=True)
         loss = forward_backward(self.model, self.images, self.tokens, self.pids, scale=self.scaler.scale,
                                 precision=lambda: autocast(self.device, self.amp), chunk_size=self.chunk_size).loss
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
         if self.guard:
-            self.guard.accept(*self.guard.verdict(loss, False)[:2])
+            guarded_update(self.optimizer, self.scaler, self.guard, loss, False)
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         if timed:
@@ -216,7 +219,7 @@ def measure(args: argparse.Namespace) -> None:
     runner = Runner(args, args.text_encoder[0], args.chunk_size if args.measure == "chunked" else None)
     if args.measure == "head":
         return measure_head(runner, args)
-    # At least 2: the first step creates Adam's state, the second StepGuard's copy of it (held from then on).
+    # At least 2: the first step creates Adam's state and StepGuard's copy of the buffers (held from then on).
     for _ in range(max(args.warmup, 2)):
         runner.step(timed=False)
     memory = PeakMemory(runner.device)

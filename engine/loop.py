@@ -26,8 +26,9 @@ def train_one_epoch(model, loader, optimizer, scaler, guard: StepGuard, stop: St
 
     chunk_size: gradient caching (engine/grad_cache.py), the same step with encoder memory for that many pairs.
 
-    A step whose loss or updated weights are not finite is undone by the guard (TrainingDiverged after too many
-    in a row); a stop request ends the epoch after the current step with TrainingStopped.
+    A step whose loss or gradients are not finite is skipped before the optimiser step (the guard puts back the
+    BN statistics its forward changed; TrainingDiverged after too many in a row); a stop request ends the epoch
+    after the current step with TrainingStopped.
     """
     model.train()
     sums: dict[str, torch.Tensor] = {}
@@ -40,22 +41,19 @@ def train_one_epoch(model, loader, optimizer, scaler, guard: StepGuard, stop: St
         images, flips, tokens, pids = (batch[key].to(device, non_blocking=True)
                                        for key in ("images", "flips", "tokens", "pids"))
         images = to_model_input(images, loader.dataset.mean_std, flips)  # uint8 -> flipped, normalised float
-        guard.save()
+        guard.save_buffers()
         optimizer.zero_grad(set_to_none=True)
         out = forward_backward(model, images, tokens, pids, precision=lambda: autocast(device, amp), scale=scaler.scale,
                                chunk_size=chunk_size)
-        scaler.step(optimizer)
-        scaler.update()
+        loss_finite, grads_finite, stopping = guarded_update(optimizer, scaler, guard, out.loss, stop.requested)
         step, pairs = step + 1, pairs + images.shape[0]
-        loss_finite, weights_finite, stopping = guard.verdict(out.loss, stop.requested)
-        if guard.accept(loss_finite, weights_finite):
+        if loss_finite and grads_finite:
             for key, value in {"loss": out.loss, **{f"loss_{k}": v for k, v in out.losses.items()}}.items():
                 sums[key] = sums.get(key, 0) + value.detach().float()
             kept += 1
         elif distributed.is_main_process():
-            what = "weights after the update, step undone" if loss_finite else "loss, step skipped"
-            print(f"epoch {epoch + 1} step {step}: non-finite {what} ({guard.in_a_row} in a row, "
-                  f"{guard.total} in total)", file=sys.stderr)
+            print(f"epoch {epoch + 1} step {step}: non-finite {'gradients' if loss_finite else 'loss'}, step skipped "
+                  f"({guard.in_a_row} in a row, {guard.total} in total)", file=sys.stderr)
         if progress and (step % 10 == 0 or step == start_step + 1):
             rate = pairs * distributed.get_world_size() / max(time.perf_counter() - started, 1e-9)
             bar.set_postfix({k.removeprefix("loss_"): f"{float(v) / max(kept, 1):.3f}" for k, v in sums.items()}
@@ -63,6 +61,27 @@ def train_one_epoch(model, loader, optimizer, scaler, guard: StepGuard, stop: St
         if stopping:
             raise TrainingStopped(step)
     return epoch_row(epoch, _rank_means(sums, kept), pairs, optimizer, guard, started)
+
+
+def guarded_update(optimizer, scaler, guard: StepGuard, loss: torch.Tensor,
+                   stop_requested: bool) -> tuple[bool, bool, bool]:
+    """The optimiser step, or the guard's skip when the loss or a gradient is not finite; StepGuard.check's flags."""
+    # fp16: the guard checks the gradients as the optimiser would use them, unscaled (a no-op without fp16).
+    scaler.unscale_(optimizer)
+    loss_finite, grads_finite, stopping = guard.check(loss, stop_requested)
+    finite = loss_finite and grads_finite
+    if finite:
+        # Not scaler.step: after unscale_ it would only repeat the guard's check (the scaler's found_inf comes from
+        # the same gradients), and with a non-fused optimiser read it on the host a second time.
+        optimizer.step()
+    # Every step: update() consumes the found_inf that unscale_ recorded (it needs no step() before it) and halves
+    # the scale after an overflow, so an fp16 step skipped here lowers the scale as scaler.step's skip would.
+    scaler.update()
+    if not finite:
+        # Under fp16 this counts the scaler's overflow steps too. Each halves the scale, so the default limit of 50
+        # in a row (a scale 2^50 lower) is no calibration any more but gradients that stay non-finite.
+        guard.skip()  # after update(): TrainingDiverged leaves the scaler consistent
+    return loss_finite, grads_finite, stopping
 
 
 def _rank_means(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:

@@ -3,7 +3,8 @@
 On a GPU every read of a device value by the host (`.item()`, a 0-dim tensor used as an index, `nonzero`,
 `if tensor:`) stalls the CPU until the queue drains; the step would then run at the speed of its launches.
 These tests count the ATen calls that read device values, on CPU, where they are dispatched the same way.
-StepGuard.verdict's one read per step, after the optimiser step, is the allowed one and is not in the window.
+StepGuard.check's one read per step, between the backward and the optimiser step, is the allowed one and is
+not in the window (tests/test_engine_step_guard.py counts it).
 """
 from __future__ import annotations
 
