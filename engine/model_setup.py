@@ -1,5 +1,6 @@
-"""The model and caption tokeniser a training run starts from: pretrained or random CLIP, and in bert mode the image
-tower alone with BERT from --bert (docs/method.md §9); a resumed run's own, rebuilt from its checkpoint."""
+"""The model and caption tokeniser a training run starts from: pretrained or random CLIP, and the text encoder's
+image tower and pretrained weights (bert: the image tower alone with BERT from --bert, docs/method.md §9); a resumed
+run's own, rebuilt from its checkpoint."""
 from __future__ import annotations
 
 import argparse
@@ -8,13 +9,16 @@ import clip
 from engine import settings as settings_table
 from models.cfine import CFine
 from models.config import CFineConfig
+from models.text_encoders import TextEncoder, text_encoder_class
 from models.tokenization import CaptionTokenizer, caption_tokenizer
 from utils.errors import CheckpointError, SettingError
 
 
 def build_model(settings: argparse.Namespace, num_classes: int) -> CFine:
-    """CFine with pretrained CLIP weights (--clip NAME|PATH) or random ones (--clip none); in bert mode the
-    image tower alone (unprojected) and BERT from --bert (docs/method.md §9)."""
+    """CFine with pretrained CLIP weights (--clip NAME|PATH) or random ones (--clip none), the --text_encoder's image
+    tower and pretrained text weights (bert: the image tower alone, unprojected, and BERT from --bert; docs/method.md
+    §9), and every loss-weight setting."""
+    encoder = text_encoder_class(settings.text_encoder)
     image_size = tuple(settings.image_size)
     pretrained = None
     if settings.clip.lower() == "none":
@@ -28,32 +32,30 @@ def build_model(settings: argparse.Namespace, num_classes: int) -> CFine:
         if any(side % clip_config.vision.patch_size for side in image_size):
             raise SettingError("train.py: error: " + settings_table.image_size_problem(
                 list(image_size), clip_config.vision.patch_size, settings.clip))
-    text, bert_weights, text_vocab = {}, None, None
-    if settings.text_encoder == "bert":
-        bert_weights, text_vocab, text = load_bert_for_training(settings.bert)
-        clip_config = clip_config.vision_only()
-        if text["bert"].get("hidden_size") != clip_config.vision.width:
-            raise SettingError(f"--bert {settings.bert}: hidden size {text['bert'].get('hidden_size')} differs from the "
-                               f"image tokens' width {clip_config.vision.width}; docs/method.md §9 pairs BERT-base (768) "
-                               "with ViT-B/16 (768)")
-    model = CFine(CFineConfig(
-        clip=clip_config, num_classes=num_classes, cmpm_weights=tuple(settings.cmpm_weights),
-        cmpc_weights=tuple(settings.cmpc_weights), diversity_weight=settings.diversity_weight,
-        ranking_weight=settings.ranking_weight, margin=settings.margin, **text), text_vocab=text_vocab)
+    source = text_source(settings, encoder)
+    text = encoder.load_source(source)
+    try:
+        config = CFineConfig(clip=encoder.image_tower(clip_config), text_encoder=encoder.name, num_classes=num_classes,
+                             loss_weights=loss_weights(settings), margin=settings.margin, **text.fields)
+    except ValueError as error:  # the text encoder's weights do not pair with this image tower
+        named = f"--{encoder.source_setting} {source}" if encoder.source_setting else f"--text_encoder {encoder.name}"
+        raise SettingError(f"{named}: {error}") from None
+    model = CFine(config, text_vocab=text.vocab)
     if pretrained is not None:
         model.load_clip_weights(pretrained)
-    if bert_weights is not None:
-        model.bert.load_state_dict(bert_weights.state_dict(), strict=True)
+    if text.weights is not None:
+        model.load_text_weights(text.weights)
     return model
 
 
-def load_bert_for_training(folder: str):
-    """(pretrained BertModel, vocab.txt's text, CFineConfig's text fields) from a --bert folder."""
-    from models.text_encoders.bert import load_pretrained_bert, read_vocabulary  # bert mode only
+def loss_weights(settings: argparse.Namespace) -> dict:
+    """Every loss-weight setting's value by its name (models/objectives.py: each names a loss term's weight)."""
+    return {s.name: getattr(settings, s.name) for s in settings_table.LOSS_WEIGHTS}
 
-    weights, architecture = load_pretrained_bert(folder)
-    vocab, lower_case = read_vocabulary(folder)
-    return weights, vocab, {"text_encoder": "bert", "bert": architecture, "bert_lower_case": lower_case}
+
+def text_source(settings: argparse.Namespace, encoder: type[TextEncoder]) -> str | None:
+    """The setting that names the text encoder's pretrained weights (--bert for bert), or None."""
+    return getattr(settings, encoder.source_setting) if encoder.source_setting else None
 
 
 def run_model(settings: argparse.Namespace, resumed: dict | None, num_classes: int) -> CFine:
@@ -64,13 +66,10 @@ def run_model(settings: argparse.Namespace, resumed: dict | None, num_classes: i
 
 
 def run_tokenizer(settings: argparse.Namespace, resumed: dict | None) -> CaptionTokenizer:
-    """The run's caption tokeniser: the checkpoint's (resume), else --text_encoder's (with --bert's vocab.txt)."""
+    """The run's caption tokeniser: the checkpoint's (resume), else --text_encoder's (bert: with --bert's vocab.txt)."""
     if resumed is not None:
-        config = CFineConfig.from_dict(resumed["config"])
-        return caption_tokenizer(config.text_encoder, resumed.get("text_vocab"), config.bert_lower_case,
-                                 config.bert_max_length)
-    if settings.text_encoder == "bert":
-        from models.text_encoders.bert import read_vocabulary  # bert mode only
-
-        return caption_tokenizer("bert", *read_vocabulary(settings.bert))
-    return caption_tokenizer("clip")
+        return caption_tokenizer(CFineConfig.from_dict(resumed["config"]), resumed.get("text_vocab"))
+    encoder = text_encoder_class(settings.text_encoder)
+    vocab, fields = encoder.read_source(text_source(settings, encoder))
+    # Before the model exists: CFineConfig's defaults, with the fields the text encoder's source sets.
+    return encoder.tokenizer({**vars(CFineConfig()), **fields}, vocab)

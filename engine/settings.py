@@ -62,6 +62,9 @@ class Setting:
     help: str = ""
     group: str | None = None
     rule: Callable[[Any], str | None] | None = None  # a further rule; returns what is allowed when broken
+    loss_weight: bool = False  # the weight of the CFine loss term that names it (models/objectives.py)
+    needed_by: tuple[str, Any] | None = None  # (setting, value): a new run with that value needs this one given
+    metavar: str | None = None  # the value's name in --help and messages
 
     def allowed(self) -> str:
         """What the setting accepts, in words."""
@@ -118,9 +121,9 @@ TRAIN_SETTINGS = (
     Setting("text_encoder", "clip", choices=("clip", "bert"),
             help="clip: CLIP's text tower, D=512 (the project's default); bert: the authors' release (docs/method.md §9), "
                  "BERT-base text and unprojected 768-d image tokens (needs --bert and requirements-bert.txt)"),
-    Setting("bert", None, role=COMMAND,
-            help="with --text_encoder bert: bert-base-uncased in Hugging Face layout (config.json, vocab.txt, "
-                 "model.safetensors or pytorch_model.bin); read only to start a run (checkpoints carry it)"),
+    Setting("bert", None, role=COMMAND, needed_by=("text_encoder", "bert"), metavar="FOLDER",
+            help="bert-base-uncased in Hugging Face layout (config.json, vocab.txt, model.safetensors or "
+                 "pytorch_model.bin); read only to start a run (checkpoints carry it)"),
     Setting("output_dir", None, role=COMMAND,
             help="default: runs/<dataset> (e.g. runs/cuhk_pedes); on --resume: the checkpoint's folder. A new run "
                  "needs it empty (or --overwrite)"),
@@ -139,10 +142,12 @@ TRAIN_SETTINGS = (
     Setting("warmup_start", 0.01, float, above=0),
     Setting("milestones", [20, 25, 35], int, count="*", minimum=1, rule=_increasing),
     Setting("gamma", 0.1, float, above=0),
-    Setting("cmpm_weights", [1.0, 1.0, 0.1], float, count=3, minimum=0, group=_LOSS, help="global, lg1, lg2"),
-    Setting("cmpc_weights", [1.0, 1.0, 1.0], float, count=3, minimum=0, group=_LOSS, help="global, lg1, lg2"),
-    Setting("diversity_weight", 0.2, float, minimum=0, group=_LOSS),
-    Setting("ranking_weight", 10.0, float, minimum=0, group=_LOSS),
+    Setting("cmpm_weights", [1.0, 1.0, 0.1], float, count=3, minimum=0, group=_LOSS, loss_weight=True,
+            help="global, lg1, lg2"),
+    Setting("cmpc_weights", [1.0, 1.0, 1.0], float, count=3, minimum=0, group=_LOSS, loss_weight=True,
+            help="global, lg1, lg2"),
+    Setting("diversity_weight", 0.2, float, minimum=0, group=_LOSS, loss_weight=True),
+    Setting("ranking_weight", 10.0, float, minimum=0, group=_LOSS, loss_weight=True),
     Setting("margin", 0.2, float, minimum=0, group=_LOSS),
     Setting("gather_features", False, bool, group=_DDP,
             help="CMPM and the ranking loss (with its CFR/FCD similarities) see the global batch through a "
@@ -185,6 +190,7 @@ TRAIN_SETTINGS = (
             help="with --tensorboard: the training loss every N steps (read only at those steps)"),
 )
 TABLE = {s.name: s for s in TRAIN_SETTINGS}
+LOSS_WEIGHTS = tuple(s for s in TRAIN_SETTINGS if s.loss_weight)  # engine/model_setup.py gives them to CFineConfig
 
 
 class _OneLineErrors(argparse.ArgumentParser):
@@ -202,13 +208,14 @@ def get_args_parser(description: str) -> argparse.ArgumentParser:
     for s in TRAIN_SETTINGS:
         target = groups.setdefault(s.group, s.group and parser.add_argument_group(s.group))
         default = "" if s.default in (None, False) else f" (default: {s.default})"
+        needed = f"with --{s.needed_by[0]} {s.needed_by[1]}: " if s.needed_by else ""
         flags = [f"--{s.name}", f"--{s.name.replace('_', '-')}"] if "_" in s.name else [f"--{s.name}"]
         if s.kind is bool:
             target.add_argument(*flags, action="store_true", help=s.help)
             continue
-        metavar = "{" + ",".join(s.choices) + "}" if s.choices else None
+        metavar = "{" + ",".join(s.choices) + "}" if s.choices else s.metavar
         nargs = s.count if s.count else None
-        target.add_argument(*flags, type=s.kind, nargs=nargs, metavar=metavar, help=s.help + default)
+        target.add_argument(*flags, type=s.kind, nargs=nargs, metavar=metavar, help=needed + s.help + default)
     return parser
 
 
@@ -270,11 +277,12 @@ def patch_size(clip: str, clip_arch: str) -> int | None:
 
 
 def check_new_run(values: dict[str, Any]) -> None:
-    """Rules between settings of a new run: a BERT folder in bert mode, an image size the patches tile, a --clip
-    that exists."""
-    if values["text_encoder"] == "bert" and not values["bert"]:
-        raise SettingError("--text_encoder bert needs --bert FOLDER: bert-base-uncased in Hugging Face layout "
-                           "(config.json, vocab.txt, model.safetensors or pytorch_model.bin)")
+    """Rules between settings of a new run: each setting that another's value needs (bert mode: --bert), an image
+    size the patches tile, a --clip that exists."""
+    for s in TRAIN_SETTINGS:
+        if s.needed_by and values[s.needed_by[0]] == s.needed_by[1] and not values[s.name]:
+            key, value = s.needed_by
+            raise SettingError(f"--{key} {value} needs --{s.name} {s.metavar or s.name.upper()}: {s.help}")
     from clip.loading import RELEASED
 
     clip = values["clip"]

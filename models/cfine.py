@@ -1,7 +1,8 @@
 """CFine: image and text encoders plus the CFine head (docs/method.md §1-5, §9), and the retrieval feature (docs/method.md §7).
 
-Two text encoders: 'clip' (CLIP's own text tower, tokens projected to D = 512; the project's default) and
-'bert' (the authors' release: BERT-base, D = 768, image tokens without CLIP's visual projection).
+The text encoder is config.text_encoder's (models/text_encoders/): 'clip' (CLIP's own text tower, tokens projected
+to D = 512; the project's default) or 'bert' (the authors' release: BERT-base, D = 768, image tokens without
+CLIP's visual projection).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from clip.model import CLIP, TokenFeatures
 
 from .config import CFineConfig
 from .head import CFineHead, CFineOutput
-from .tokenization import CaptionTokenizer, caption_tokenizer, warn_if_truncated
+from .text_encoders import text_encoder_class
+from .tokenization import CaptionTokenizer, warn_if_truncated
 
 
 def retrieval_features(features: torch.Tensor, mode: str = "concat") -> torch.Tensor:
@@ -35,26 +37,28 @@ class CFine(nn.Module):
     def __init__(self, config: CFineConfig, text_vocab: str | None = None):
         super().__init__()
         self.config = config
+        self.text_encoder = text_encoder_class(config.text_encoder)  # a class: its weights are a module of CFine's
         self.clip = CLIP(config.clip)
-        if config.text_encoder == "bert":
-            from .text_encoders.bert import build_bert  # only bert mode needs `transformers`
-
-            if text_vocab is None:
-                raise ValueError("a bert-mode CFine needs its vocabulary (the text of BERT's vocab.txt)")
-            self.bert = build_bert(config.bert)
-        else:
-            self.clip.logit_scale.requires_grad_(False)  # CLIP's contrastive temperature is not used by CFine
+        text_module = self.text_encoder.build(config, self.clip, text_vocab)
+        if text_module is not None:
+            if hasattr(self, self.text_encoder.attribute):
+                raise ValueError(f"text encoder {config.text_encoder!r}: attribute {self.text_encoder.attribute!r} is "
+                                 "taken in CFine")
+            self.add_module(self.text_encoder.attribute, text_module)
         self.text_vocab = text_vocab
         self._tokenizer: CaptionTokenizer | None = None
         self.head = CFineHead(config)
 
     @property
+    def text_module(self) -> nn.Module:
+        """The module holding the text encoder's weights (for 'clip', CLIP's own module)."""
+        return getattr(self, self.text_encoder.attribute)
+
+    @property
     def tokenizer(self) -> CaptionTokenizer:
         """The caption tokeniser of this model's text encoder (built on first use)."""
         if self._tokenizer is None:
-            config = self.config
-            self._tokenizer = caption_tokenizer(config.text_encoder, self.text_vocab, config.bert_lower_case,
-                                                config.bert_max_length)
+            self._tokenizer = self.text_encoder.tokenizer(vars(self.config), self.text_vocab)
         return self._tokenizer
 
     def tokenize(self, captions: list[str], warn_truncated: bool = False) -> torch.Tensor:
@@ -64,15 +68,19 @@ class CFine(nn.Module):
             warn_if_truncated(captions, self.tokenizer.token_counts(captions), self.tokenizer.max_length)
         return self.tokenizer(captions)
 
+    def encoder_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """docs/method.md §6 encoder groups: image_encoder (clip.visual) and text_encoder (its encoder's choice)."""
+        return {"image_encoder": list(self.clip.visual.parameters()),
+                "text_encoder": list(self.text_encoder.parameters(self.text_module))}
+
     def load_clip_weights(self, source: nn.Module | dict[str, torch.Tensor]) -> None:
         """Copy pretrained CLIP weights (a CLIP module or its state dict) into the encoders, strictly.
 
-        Image-only (bert mode): the `visual.*` weights except the projection the authors delete; the text
-        tower's weights in the file are not used.
+        Only those the text encoder's CLIP config has: with an image tower alone (bert mode), the `visual.*`
+        weights except the projection the authors delete; the text tower's weights in the file are not used.
         """
         state = source.state_dict() if isinstance(source, nn.Module) else source
-        if self.config.text_encoder == "bert":
-            state = {k: v for k, v in state.items() if k.startswith("visual.") and k != "visual.proj"}
+        state = self.text_encoder.clip_weights(state)
         try:
             self.clip.load_state_dict(state, strict=True)
         except RuntimeError as error:
@@ -81,6 +89,10 @@ class CFine(nn.Module):
                 f"with the CLIPConfig that clip.load returned for these weights.\n{error}"
             ) from error
 
+    def load_text_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy the text encoder's pretrained weights (its load_source's, e.g. --bert's) into its module, strictly."""
+        self.text_encoder.load_weights(self.text_module, weights)
+
     def encode_image_tokens(self, images: torch.Tensor) -> TokenFeatures:
         """Public: image tokens (B, N, D), the class token's last-layer attention row (B, N), global index 0."""
         return self.clip.encode_image_tokens(images)
@@ -88,11 +100,7 @@ class CFine(nn.Module):
     def encode_text_tokens(self, ids: torch.Tensor) -> TokenFeatures:
         """Public: text tokens (B, L, D), the global token's last-layer attention row (B, L), its index (EOT for
         CLIP, 0 = [CLS] for BERT) and the padding mask."""
-        if self.config.text_encoder == "bert":
-            from .text_encoders.bert import bert_token_features
-
-            return bert_token_features(self.bert, ids)
-        return self.clip.encode_text_tokens(ids)
+        return self.text_encoder.encode(self.text_module, ids)
 
     def forward(self, images: torch.Tensor | TokenFeatures, tokens: torch.Tensor | TokenFeatures,
                 pids: torch.Tensor | None = None,

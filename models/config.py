@@ -2,15 +2,24 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from clip.model import CLIPConfig
+
+from .objectives import LOSS_TERMS, default_loss_weights
+from .text_encoders import text_encoder_class
 
 
 @dataclass
 class CFineConfig:
-    """CFine hyper-parameters; the defaults are the authors' CUHK-PEDES run (docs/method.md §6)."""
+    """CFine hyper-parameters; the defaults are the authors' CUHK-PEDES run (docs/method.md §6).
+
+    A loss weight also reads as an attribute of its name (config.ranking_weight); to_dict writes each one as a key of
+    its own, as checkpoints always stored them.
+    """
 
     clip: CLIPConfig = field(default_factory=CLIPConfig.vit_b16)
+    # The text encoder's name in models/text_encoders/ (which also says which CLIP config it pairs with):
     # 'clip': CLIP's text tower, tokens projected to D = clip.embed_dim (the project's default);
     # 'bert': the authors' release (docs/method.md §9): BERT-base text, clip is image-only and unprojected, D = 768.
     text_encoder: str = "clip"
@@ -24,27 +33,20 @@ class CFineConfig:
     tau_cd: float = 0.01  # FCD temperature
     k_word: int = 3  # words averaged into each patch's positive word
     k_patch: int = 3  # patches averaged into each word's positive patch
-    cmpm_weights: tuple[float, float, float] = (1.0, 1.0, 0.1)  # global, lg1, lg2
-    cmpc_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    diversity_weight: float = 0.2
-    ranking_weight: float = 10.0
-    margin: float = 0.2
+    # Each loss term's weight by its name (models/objectives.py LOSS_TERMS); those not given take their defaults.
+    loss_weights: dict[str, Any] = field(default_factory=default_loss_weights)
+    margin: float = 0.2  # of the ranking loss
 
     def __post_init__(self):
-        if self.text_encoder not in ("clip", "bert"):
-            raise ValueError(f"text_encoder {self.text_encoder!r} is unknown; use 'clip' or 'bert'")
-        if self.text_encoder == "clip" and (self.clip.text is None or self.clip.embed_dim is None):
-            raise ValueError("text_encoder 'clip' needs a CLIP with its text tower and joint projection: CLIP's text "
-                             "tokens are text.width wide before projection and the image tokens vision.width, so the "
-                             "unprojected (768-d) image tokens have no text partner without a new layer")
-        if self.text_encoder == "bert":
-            if self.bert is None:
-                raise ValueError("text_encoder 'bert' needs the BERT architecture (config.bert)")
-            if self.clip.text is not None or self.clip.embed_dim is not None:
-                raise ValueError("text_encoder 'bert' uses the image tower alone, unprojected: clip=config.vision_only()")
-            if self.bert.get("hidden_size") != self.clip.vision.width:
-                raise ValueError(f"BERT's hidden size {self.bert.get('hidden_size')} must equal the image tokens' "
-                                 f"width {self.clip.vision.width} (docs/method.md §9: both 768)")
+        self.loss_weights = checked_loss_weights(self.loss_weights)
+        text_encoder_class(self.text_encoder).check_config(self)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not attributes: a loss weight by its name.
+        weights = self.__dict__.get("loss_weights") or {}
+        if name in weights:
+            return weights[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def width(self) -> int:
@@ -52,24 +54,43 @@ class CFineConfig:
         return self.clip.token_width
 
     def to_dict(self) -> dict:
-        """Plain JSON-able form, nested CLIP config included (tuples become lists)."""
+        """Plain JSON-able form, nested CLIP config included, each loss weight a key of its own (tuples become lists)."""
         data = asdict(self)
         data["clip"] = self.clip.to_dict()
-        data["cmpm_weights"] = list(self.cmpm_weights)
-        data["cmpc_weights"] = list(self.cmpc_weights)
+        for name, value in data.pop("loss_weights").items():
+            data[name] = list(value) if isinstance(value, tuple) else value
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "CFineConfig":
         """Inverse of to_dict; keys missing from an older checkpoint take today's defaults."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        weight_names = set(default_loss_weights())
+        known = {f.name for f in fields(cls)} - {"loss_weights"}
+        unknown = sorted(set(data) - known - weight_names)
         if unknown:
-            raise ValueError(f"CFine config has unknown keys {unknown}; expected a subset of {sorted(known)}")
-        values = dict(data)
+            raise ValueError(f"CFine config has unknown keys {unknown}; expected a subset of "
+                             f"{sorted(known | weight_names)}")
+        values = {key: value for key, value in data.items() if key in known}
         if "clip" in values:
             values["clip"] = CLIPConfig.from_dict(values["clip"])
-        for key in ("cmpm_weights", "cmpc_weights"):
-            if key in values:
-                values[key] = tuple(float(v) for v in values[key])
+        values["loss_weights"] = {key: value for key, value in data.items() if key in weight_names}
         return cls(**values)
+
+
+def checked_loss_weights(weights: dict[str, Any]) -> dict[str, Any]:
+    """Every term's weight (the given ones over the defaults) as Python floats, tuples for per-feature weights."""
+    defaults = default_loss_weights()
+    unknown = sorted(set(weights) - set(defaults))
+    if unknown:
+        raise ValueError(f"loss weights {unknown} belong to no loss term; the terms' weights are {sorted(defaults)}")
+    checked = {}
+    for term in LOSS_TERMS.values():
+        value, default = weights.get(term.weight, term.default), term.default
+        if isinstance(default, tuple):
+            value = tuple(float(v) for v in value)
+            if len(value) != len(default):
+                raise ValueError(f"loss weight {term.weight} takes {len(default)} values, got {len(value)}")
+        else:
+            value = float(value)
+        checked[term.weight] = value
+    return checked

@@ -1,6 +1,7 @@
 """CFine's head on encoder tokens: MGF + BN always; CFR, FCD and the weighted losses in training (docs/method.md §2-5)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -14,7 +15,7 @@ from .classifier import CMPCClassifier
 from .config import CFineConfig
 from .gather import gather_batch
 from .mgf import ResidualCrossAttentionBlock, local_global_features, mgf_heads
-from .objectives import cmpc_loss, cmpm_loss, diversity_loss, ranking_loss
+from .objectives import LOSS_TERMS, LossInputs
 from .selection import Selection, image_candidates, select_tokens, text_candidates, text_padding_mask
 from .similarity import cross_grained_similarity, fine_grained_similarity
 
@@ -26,7 +27,7 @@ class CFineOutput:
     image_features: torch.Tensor
     text_features: torch.Tensor
     loss: torch.Tensor | None = None
-    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # detached: cmpm, cmpc, diversity, ranking
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # detached, by term: cmpm, cmpc, diversity, ranking
 
 
 class Branch(NamedTuple):
@@ -100,26 +101,20 @@ class CFineHead(nn.Module):
         return cross + fine
 
     def losses(self, image: Branch, text: Branch, pids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """docs/method.md §5 weighted parts (default weights: CMPM 1, 1, 0.1; CMPC 1, 1, 1; diversity 0.2; ranking 10).
+        """docs/method.md §5 weighted parts: every term of models/objectives.py LOSS_TERMS at config.loss_weights.
 
         With gather_features, CMPM and ranking use the global batch of all ranks; CMPC and diversity are
         per-sample means and stay local (DDP's gradient average makes them global-batch means; models/gather.py).
         """
-        config, img, txt = self.config, image.features, text.features
-        weight = self.classifier.weight
         if self.gather_features:
             all_image, all_text, all_pids = global_branch(image), global_branch(text), gather_batch(pids)
         else:
             all_image, all_text, all_pids = image, text, pids
-        all_img, all_txt = all_image.features, all_text.features
-        cmpm_weights, margin = enumerate(config.cmpm_weights), config.margin
-        return {
-            "cmpm": sum(w * cmpm_loss(all_img[:, n], all_txt[:, n], all_pids) for n, w in cmpm_weights),
-            # Python-float weights: a weight tensor built per step would be a host-to-device copy every step.
-            "cmpc": sum(w * part for w, part in zip(config.cmpc_weights, cmpc_loss(img, txt, pids, weight).unbind())),
-            "diversity": config.diversity_weight * (diversity_loss(img[:, 1:]) + diversity_loss(txt[:, 1:])),
-            "ranking": config.ranking_weight * ranking_loss(self.similarity(all_image, all_text), all_pids, margin),
-        }
+        inputs = LossInputs(image.features, text.features, pids, self.classifier.weight, all_image.features,
+                            all_text.features, all_pids, functools.partial(self.similarity, all_image, all_text),
+                            self.config)
+        weights = self.config.loss_weights
+        return {name: term.term(inputs, weights[term.weight]) for name, term in LOSS_TERMS.items()}
 
     def forward(self, image: TokenFeatures, text: TokenFeatures, pids: torch.Tensor | None = None) -> CFineOutput:
         """Features of both modalities; with pids in training mode also the total loss and its parts."""

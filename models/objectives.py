@@ -1,10 +1,28 @@
-"""CFine's training objectives (docs/method.md §5), one pure function per loss; all computed in fp32."""
+"""CFine's training objectives (docs/method.md §5): one pure function per loss, all computed in fp32, and the weighted
+loss terms that CFine's head sums into the total loss.
+
+Adding a loss takes two steps:
+1. here, its function and a term registered with `@loss_term(name, weight, default)`: `term(inputs, weight)`
+   returns the weighted part from the LossInputs (both modalities' features, identities, the CMPC classifier,
+   the similarity S, the config); `name` keys CFineOutput.losses (the training log), `weight` names its weight
+   and `default` is the weight's default;
+2. in engine/settings.py, a row named like the weight, with that default and `loss_weight=True` (so that
+   train.py has the flag and the config-file key; tests/test_engine_settings.py checks that the two agree).
+train.py (engine/model_setup.py) passes every loss-weight setting into CFineConfig.loss_weights; checkpoints store
+each weight under its name, and one written before a term existed loads with that term at its default weight.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .precision import in_fp32
+
+if TYPE_CHECKING:
+    from .config import CFineConfig
 
 CMPM_EPSILON = 1e-8
 
@@ -84,3 +102,73 @@ def ranking_loss(similarity: torch.Tensor, pids: torch.Tensor, margin: float = 0
     A batch with no negatives at all (one identity) has no triplet: the loss is 0 (the authors' code fails there).
     """
     return _ranking_one_way(similarity, pids, margin) + _ranking_one_way(similarity.T, pids, margin)
+
+
+class LossInputs(NamedTuple):
+    """What the loss terms see: features [global, lg1, lg2] (B, 3, D) of this process's batch and, with
+    gather_features, of the global batch of all DDP ranks (models/gather.py); else the same tensors."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+    pids: torch.Tensor  # (B,)
+    classifier: torch.Tensor  # CMPC's W, (D, C)
+    all_image: torch.Tensor
+    all_text: torch.Tensor
+    all_pids: torch.Tensor
+    similarity: Callable[[], torch.Tensor]  # docs/method.md §3-4 S on the global batch, computed when a term asks
+    config: CFineConfig
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One weighted part of the total loss: its name, its weight's name and default, and term(inputs, weight)."""
+
+    name: str
+    weight: str
+    default: float | tuple[float, ...]
+    term: Callable[[LossInputs, Any], torch.Tensor]
+
+
+LOSS_TERMS: dict[str, LossTerm] = {}  # in the order they are summed
+
+
+def loss_term(name: str, weight: str, default: float | tuple[float, ...]) -> Callable:
+    """Register the decorated term(inputs, weight) as a part of CFine's total loss."""
+    def register(term: Callable[[LossInputs, Any], torch.Tensor]) -> Callable[[LossInputs, Any], torch.Tensor]:
+        if name in LOSS_TERMS or any(t.weight == weight for t in LOSS_TERMS.values()):
+            raise ValueError(f"loss term {name!r} or its weight {weight!r} is registered already")
+        LOSS_TERMS[name] = LossTerm(name, weight, default, term)
+        return term
+    return register
+
+
+def default_loss_weights() -> dict[str, float | tuple[float, ...]]:
+    """Every registered term's weight at its default (the authors')."""
+    return {t.weight: t.default for t in LOSS_TERMS.values()}
+
+
+# Python-float weights: a weight tensor built per step would be a host-to-device copy every step.
+@loss_term("cmpm", weight="cmpm_weights", default=(1.0, 1.0, 0.1))
+def cmpm_term(inputs: LossInputs, weights: tuple[float, ...]) -> torch.Tensor:
+    """docs/method.md §5: CMPM of the global, lg1 and lg2 features, weighted, on the global batch."""
+    all_img, all_txt = inputs.all_image, inputs.all_text
+    return sum(w * cmpm_loss(all_img[:, n], all_txt[:, n], inputs.all_pids) for n, w in enumerate(weights))
+
+
+@loss_term("cmpc", weight="cmpc_weights", default=(1.0, 1.0, 1.0))
+def cmpc_term(inputs: LossInputs, weights: tuple[float, ...]) -> torch.Tensor:
+    """docs/method.md §5: CMPC of the global, lg1 and lg2 features, weighted, on this process's batch."""
+    parts = cmpc_loss(inputs.image, inputs.text, inputs.pids, inputs.classifier).unbind()
+    return sum(w * part for w, part in zip(weights, parts))
+
+
+@loss_term("diversity", weight="diversity_weight", default=0.2)
+def diversity_term(inputs: LossInputs, weight: float) -> torch.Tensor:
+    """docs/method.md §5: diversity of the lg1 and lg2 features of each modality, weighted."""
+    return weight * (diversity_loss(inputs.image[:, 1:]) + diversity_loss(inputs.text[:, 1:]))
+
+
+@loss_term("ranking", weight="ranking_weight", default=10.0)
+def ranking_term(inputs: LossInputs, weight: float) -> torch.Tensor:
+    """docs/method.md §5: the ranking loss on S of the global batch (margin: config.margin), weighted."""
+    return weight * ranking_loss(inputs.similarity(), inputs.all_pids, inputs.config.margin)

@@ -2,29 +2,29 @@
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    from .cfine import CFine
 
 
 def parameter_groups(
-    model: nn.Module, *, lr_head: float = 1e-4, lr_image: float = 1e-5, lr_text: float = 1e-5, wd_image: float = 4e-5
+    model: CFine, *, lr_head: float = 1e-4, lr_image: float = 1e-5, lr_text: float = 1e-5, wd_image: float = 4e-5
 ) -> list[dict]:
-    """docs/method.md §6 groups: head (new modules, BN, W), image encoder (clip.visual), text encoder (the rest of clip, or bert)."""
+    """docs/method.md §6 groups: head (new modules, BN, W), image encoder (clip.visual), text encoder (the text
+    encoder's parameters, models/text_encoders/); frozen parameters (BN biases, CLIP's temperature) in none."""
     groups = {
         "head": {"name": "head", "params": [], "lr": lr_head, "weight_decay": 0.0},
         "image_encoder": {"name": "image_encoder", "params": [], "lr": lr_image, "weight_decay": wd_image},
         "text_encoder": {"name": "text_encoder", "params": [], "lr": lr_text, "weight_decay": 0.0},
     }
-    for name, param in model.named_parameters():
-        if not param.requires_grad or name == "clip.logit_scale":  # frozen BN biases; CLIP's unused temperature
-            continue
-        if name.startswith("clip.visual."):
-            groups["image_encoder"]["params"].append(param)
-        elif name.startswith(("clip.", "bert.")):
-            groups["text_encoder"]["params"].append(param)
-        else:
-            groups["head"]["params"].append(param)
+    owner = {id(p): group for group, params in model.encoder_parameters().items() for p in params}
+    # In the model's parameter order: a saved optimiser state is matched to its parameters by position.
+    for param in model.parameters():
+        if param.requires_grad:
+            groups[owner.get(id(param), "head")]["params"].append(param)
     return [group for group in groups.values() if group["params"]]
 
 
@@ -45,7 +45,7 @@ def epoch_lr_factor(
 
 
 def build_optimizer(
-    model: nn.Module,
+    model: CFine,
     *,
     lr_head: float = 1e-4,
     lr_image: float = 1e-5,

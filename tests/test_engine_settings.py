@@ -151,3 +151,61 @@ def test_scripts_beside_train_py_check_their_flags_with_the_same_rules(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--checkpoint", "x.pt", "--batch_size", "0"])
     assert "batch_size takes an integer >= 1" in capsys.readouterr().err
+
+
+TINY = ["--clip", "none", "--clip_arch", "tiny", "--image_size", "32", "32"]
+
+
+def _tiny_run(argv, settings_args=None):
+    """(model config, training output) of build_model from train.py flags, on one fixed batch and seed."""
+    from engine.model_setup import build_model
+    from tests.conftest import random_caption_ids
+
+    args = settings_args or train.parse_args(TINY + argv)
+    torch.manual_seed(0)
+    model = build_model(args, num_classes=4).train()
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return model.config, model(images, random_caption_ids(8), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+
+
+def test_every_loss_weight_setting_is_a_loss_terms_weight_and_reaches_the_loss(single_thread):
+    from models.objectives import LOSS_TERMS
+
+    terms = {term.weight: term for term in LOSS_TERMS.values()}
+    assert [s.name for s in settings.LOSS_WEIGHTS] == list(terms)
+    for s in settings.LOSS_WEIGHTS:  # the defaults agree
+        default = terms[s.name].default
+        assert s.default == (list(default) if isinstance(default, tuple) else default), s.name
+    _, reference = _tiny_run([])
+    for s in settings.LOSS_WEIGHTS:
+        part = terms[s.name].name
+        assert reference.losses[part] != 0, part
+        config, out = _tiny_run([f"--{s.name}", *["0"] * (s.count or 1)])
+        assert config.loss_weights[s.name] in (0.0, (0.0,) * (s.count or 1)) and getattr(config, s.name) == config.loss_weights[s.name]
+        assert out.losses[part] == 0 and out.loss != reference.loss
+        torch.testing.assert_close(out.loss, reference.loss - reference.losses[part], rtol=1e-5, atol=1e-6)
+
+
+def test_a_new_loss_term_needs_its_function_and_its_setting_only(monkeypatch, single_thread):
+    """Adding a loss as models/objectives.py says: a registered term and a loss-weight row (here patched in)."""
+    from models import objectives
+    from models.config import CFineConfig
+
+    def text_norm(inputs, weight):
+        return weight * inputs.text.norm(dim=-1).mean()
+
+    monkeypatch.setitem(objectives.LOSS_TERMS, "text_norm", objectives.LossTerm("text_norm", "text_norm_weight", 0.5,
+                                                                                text_norm))
+    row = settings.Setting("text_norm_weight", 0.5, float, minimum=0, loss_weight=True)
+    monkeypatch.setattr(settings, "LOSS_WEIGHTS", settings.LOSS_WEIGHTS + (row,))
+    args = train.parse_args(TINY)
+    args.text_norm_weight = 2.0
+    config, out = _tiny_run([], args)
+    assert config.loss_weights["text_norm_weight"] == 2.0 and config.to_dict()["text_norm_weight"] == 2.0
+    assert CFineConfig.from_dict(config.to_dict()) == config
+    torch.testing.assert_close(out.losses["text_norm"], 2.0 * out.text_features.norm(dim=-1).mean().detach())
+    assert out.loss == sum(out.losses.values())
+    # A checkpoint written before the term existed loads, the new weight at its default.
+    stored = config.to_dict()
+    del stored["text_norm_weight"]
+    assert CFineConfig.from_dict(stored).loss_weights["text_norm_weight"] == 0.5

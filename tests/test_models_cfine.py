@@ -93,9 +93,13 @@ def test_load_clip_weights_strictly_from_module_or_state_dict():
 
 
 def test_config_round_trips_through_json_and_rebuilds_the_model():
-    config = CFineConfig(clip=CLIPConfig.tiny(image_size=(64, 32)), num_classes=7, cmpm_weights=(1.0, 0.5, 0.1))
-    restored = CFineConfig.from_dict(json.loads(json.dumps(config.to_dict())))
-    assert restored == config
+    config = CFineConfig(clip=CLIPConfig.tiny(image_size=(64, 32)), num_classes=7,
+                         loss_weights={"cmpm_weights": (1.0, 0.5, 0.1)})
+    stored = config.to_dict()
+    assert stored["cmpm_weights"] == [1.0, 0.5, 0.1] and stored["ranking_weight"] == 10.0  # keys as checkpoints had
+    assert "loss_weights" not in stored
+    restored = CFineConfig.from_dict(json.loads(json.dumps(stored)))
+    assert restored == config and restored.cmpm_weights == (1.0, 0.5, 0.1)
     model = CFine(config)
     rebuilt = CFine(restored)
     rebuilt.load_state_dict(model.state_dict())  # strict: same architecture from the config alone

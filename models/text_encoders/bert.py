@@ -1,27 +1,33 @@
 """The authors' text encoder (docs/method.md §9): BERT-base through Hugging Face `transformers`, an optional dependency.
 
-Only CFine's `bert` mode imports this module. The model is `transformers.BertModel` without its pooler (CFine
-reads the last hidden state, not the pooled output) and with the eager attention implementation, the only
-one that returns attention probabilities; those are taken after attention dropout, as the authors' vendored
-BERT returned them, so in training the [CLS] row that selects MGF's words is stochastic (docs/method.md §9).
+Only CFine's `bert` mode imports `transformers` (inside the functions that need it). The model is
+`transformers.BertModel` without its pooler (CFine reads the last hidden state, not the pooled output) and with
+the eager attention implementation, the only one that returns attention probabilities; those are taken after
+attention dropout, as the authors' vendored BERT returned them, so in training the [CLS] row that selects MGF's
+words is stochastic (docs/method.md §9). BertTextEncoder (at the end) is its entry in models/text_encoders/.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
 
-from clip.model import TokenFeatures
+from clip.model import CLIP, TokenFeatures
 from utils.errors import BertFolderError
+
+from .base import PretrainedText, TextEncoder
+
+if TYPE_CHECKING:
+    from models.config import CFineConfig
+    from models.tokenization import CaptionTokenizer
 
 REQUIREMENTS = "pip install -r requirements-bert.txt"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 GET_BERT = ("download the public bert-base-uncased release (config.json, vocab.txt and model.safetensors or "
             "pytorch_model.bin, from https://huggingface.co/google-bert/bert-base-uncased) into that folder")
-
-
 
 
 def import_transformers():
@@ -120,3 +126,56 @@ def bert_token_features(bert: nn.Module, ids: torch.Tensor) -> TokenFeatures:
     row = output.attentions[-1][:, :, 0].float().mean(dim=1)
     global_index = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
     return TokenFeatures(output.last_hidden_state, row, global_index, padding)
+
+
+class BertTextEncoder(TextEncoder):
+    """docs/method.md §9: BERT-base (CFine's `bert.*`) beside CLIP's image tower alone, unprojected (D = 768); [CLS]
+    is the global token; WordPiece ids (100) from the vocab.txt that checkpoints carry; weights from --bert."""
+
+    name = "bert"
+    attribute = "bert"
+    source_setting = "bert"
+
+    @classmethod
+    def check_config(cls, config: CFineConfig) -> None:
+        """The BERT architecture, the image tower alone, and BERT's hidden size equal to the vision width."""
+        if config.bert is None:
+            raise ValueError("text_encoder 'bert' needs the BERT architecture (config.bert)")
+        super().check_config(config)
+        if config.bert.get("hidden_size") != config.clip.vision.width:
+            raise ValueError(f"BERT's hidden size {config.bert.get('hidden_size')} must equal the image tokens' "
+                             f"width {config.clip.vision.width} (docs/method.md §9: both 768)")
+
+    @classmethod
+    def tokenizer(cls, options: Mapping[str, Any], vocab: str | None) -> CaptionTokenizer:
+        """WordPiece by the authors' rule, from vocab.txt's text (bert_lower_case, bert_max_length)."""
+        from .bert_tokenizer import BertCaptionTokenizer  # it imports this module
+
+        if vocab is None:
+            raise ValueError("bert mode needs the vocabulary (vocab.txt's text) to tokenise captions")
+        return BertCaptionTokenizer(vocab, options["bert_lower_case"], options["bert_max_length"])
+
+    @classmethod
+    def read_source(cls, source: str | None) -> tuple[str, dict[str, Any]]:
+        """vocab.txt's text and whether WordPiece lower-cases, from the --bert folder."""
+        vocab, lower_case = read_vocabulary(source)
+        return vocab, {"bert_lower_case": lower_case}
+
+    @classmethod
+    def load_source(cls, source: str | None) -> PretrainedText:
+        """The --bert folder's weights, vocabulary, architecture and lower-casing."""
+        model, bert_architecture = load_pretrained_bert(source)
+        vocab, fields = cls.read_source(source)
+        return PretrainedText(model.state_dict(), vocab, {"bert": bert_architecture, **fields})
+
+    @classmethod
+    def build(cls, config: CFineConfig, clip: CLIP, vocab: str | None) -> nn.Module:
+        """A random BertModel of config.bert's architecture; the vocabulary must come along (checkpoints carry it)."""
+        if vocab is None:
+            raise ValueError("a bert-mode CFine needs its vocabulary (the text of BERT's vocab.txt)")
+        return build_bert(config.bert)
+
+    @classmethod
+    def encode(cls, module: nn.Module, ids: torch.Tensor) -> TokenFeatures:
+        """docs/method.md §9 text path (bert_token_features)."""
+        return bert_token_features(module, ids)
