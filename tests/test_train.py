@@ -89,8 +89,10 @@ def test_resume_with_a_larger_epochs_extends_the_run_exactly(processed_root, str
     args = train.parse_args(["--resume", str(split / "last.pt"), "--epochs", "3"])
     assert args.data_root is None and args.output_dir is None
     assert train.main(args) == 0
-    assert args.data_root == str(processed_root) and args.output_dir == str(split)
-    assert (args.eval_every, args.max_nonfinite, args.batch_size) == (2, 7, 16)
+    assert args.data_root is None and args.output_dir is None  # the flags stay as parsed; the run's settings are a copy
+    for settings in (vars(run_settings(args)[0]), json.loads((split / "config.json").read_text())["args"]):
+        assert settings["data_root"] == str(processed_root) and settings["output_dir"] == str(split)
+        assert (settings["eval_every"], settings["max_nonfinite"], settings["batch_size"]) == (2, 7, 16)
     assert_same_run(straight, split)
     assert [r["epoch"] for r in metrics_rows(split)] == [1, 2, 3]
 
