@@ -241,7 +241,7 @@ def test_a_class_count_mismatch_is_an_error_not_an_index_error(processed_root, s
 
 class _Faults:
     """Patch for CFine.forward: on the listed training steps (1-based), a NaN batch of images (BN running statistics
-    and the loss go NaN), a NaN loss, or a finite loss whose gradients are NaN (the weights go NaN)."""
+    and the loss go NaN), a NaN loss, or a finite loss whose gradients are NaN."""
 
     def __init__(self, forward, steps):
         self.forward, self.steps, self.calls = forward, steps, 0
@@ -275,8 +275,8 @@ def _inject(monkeypatch, steps):
     return patch
 
 
-def test_non_finite_steps_are_undone_whole_bn_statistics_and_weights_included(processed_root, tmp_path, monkeypatch,
-                                                                              capsys):
+def test_non_finite_steps_are_skipped_weights_untouched_and_bn_statistics_put_back(processed_root, tmp_path, monkeypatch,
+                                                                                    capsys):
     _inject(monkeypatch, {2: "images", 3: "loss", 5: "grads"})
     assert run_train(processed_root, tmp_path / "nan", "--epochs", "1") == 0
     row = metrics_rows(tmp_path / "nan")[0]
@@ -287,11 +287,11 @@ def test_non_finite_steps_are_undone_whole_bn_statistics_and_weights_included(pr
         assert torch.isfinite(tensor.float()).all(), name
     output = capsys.readouterr()
     steps = int(re.search(r"(\d+) steps/epoch", output.out).group(1))
-    # BN runs 3 times a step (global, lg1, lg2): the undone steps left no trace in its statistics.
+    # BN runs 3 times a step (global, lg1, lg2): the skipped steps left no trace in its statistics.
     assert state["model"]["head.image_bn.num_batches_tracked"] == 3 * (steps - 3)
     errors = output.err
     assert "step 2: non-finite loss, step skipped (1 in a row, 1 in total)" in errors
-    assert "step 5: non-finite weights after the update, step undone (1 in a row, 3 in total)" in errors
+    assert "step 5: non-finite gradients, step skipped (1 in a row, 3 in total)" in errors
 
 
 def test_divergence_keeps_the_last_good_checkpoint_and_names_it(straight, tmp_path, monkeypatch):
