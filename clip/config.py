@@ -74,6 +74,13 @@ class CLIPConfig:
         return cls(embed_dim=embed_dim, vision=VisionConfig(**vision), text=text)
 
     @classmethod
+    def for_arch(cls, arch: str, image_size: tuple[int, int] | None = None) -> "CLIPConfig":
+        """The architecture train.py's --clip_arch names ('vit_b16', 'tiny') for --clip none, at image_size (its
+        default when None)."""
+        build = {"vit_b16": cls.vit_b16, "tiny": cls.tiny}[arch]
+        return build() if image_size is None else build(tuple(image_size))
+
+    @classmethod
     def vit_b16(cls, image_size: tuple[int, int] = (224, 224)) -> "CLIPConfig":
         """OpenAI's ViT-B/16 (the paper's backbone)."""
         return cls(embed_dim=512, vision=VisionConfig(tuple(image_size), 16, 768, 12, 12), text=TextConfig())

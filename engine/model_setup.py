@@ -22,8 +22,7 @@ def build_model(settings: argparse.Namespace, num_classes: int) -> CFine:
     image_size = tuple(settings.image_size)
     pretrained = None
     if settings.clip.lower() == "none":
-        tiny = settings.clip_arch == "tiny"
-        clip_config = clip.CLIPConfig.tiny(image_size) if tiny else clip.CLIPConfig.vit_b16(image_size)
+        clip_config = clip.CLIPConfig.for_arch(settings.clip_arch, image_size)
     else:
         try:
             pretrained, clip_config = clip.load(settings.clip, image_size=image_size)

@@ -271,7 +271,7 @@ def patch_size(clip: str, clip_arch: str) -> int | None:
     from clip.loading import RELEASED
 
     if clip.lower() == "none":
-        return (CLIPConfig.tiny() if clip_arch == "tiny" else CLIPConfig.vit_b16()).vision.patch_size
+        return CLIPConfig.for_arch(clip_arch).vision.patch_size
     match = re.search(r"/(\d+)", clip) if clip in RELEASED else None
     return int(match.group(1)) if match else None
 

@@ -209,3 +209,13 @@ def test_a_new_loss_term_needs_its_function_and_its_setting_only(monkeypatch, si
     stored = config.to_dict()
     del stored["text_norm_weight"]
     assert CFineConfig.from_dict(stored).loss_weights["text_norm_weight"] == 0.5
+
+
+def test_every_clip_arch_choice_is_a_clip_config_and_its_patch_size_is_the_one_checked():
+    from clip.config import CLIPConfig
+
+    for arch in settings.CLIP_ARCHS:
+        config = CLIPConfig.for_arch(arch, (64, 32))
+        assert config.vision.image_size == (64, 32)
+        assert settings.patch_size("none", arch) == CLIPConfig.for_arch(arch).vision.patch_size
+    assert CLIPConfig.for_arch("vit_b16") == CLIPConfig.vit_b16() and CLIPConfig.for_arch("tiny") == CLIPConfig.tiny()
