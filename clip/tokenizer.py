@@ -1,6 +1,6 @@
 """OpenAI CLIP's byte-level BPE tokenizer: captions -> the (N, 77) id rows the CLIP text encoder reads.
 
-Behaviour matches OpenAI CLIP / open_clip id for id (tests/test_tokenizer.py checks parity), with one
+Behaviour matches OpenAI CLIP / open_clip id for id (tests/test_clip_tokenizer.py checks parity), with one
 deliberate difference: the literal strings "<|startoftext|>" / "<|endoftext|>" inside a caption are
 tokenised as ordinary text, so a caption can never inject an EOT id (the text encoder pools at the
 EOT position, found as the argmax of the ids).

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import datasets.build
+import engine.data
 import test as evaluate_script
 import train
 from datasets import prepare
@@ -109,7 +110,7 @@ def test_resume_takes_the_held_out_ids_from_the_checkpoint(carved_run, monkeypat
     run.mkdir()
     for name in ("last.pt", "held_out_ids.json", "train.log"):
         (run / name).write_bytes((out / name).read_bytes())
-    monkeypatch.setattr(train, "carve_validation_ids", lambda *a, **k: pytest.fail("recomputed the held-out ids"))
+    monkeypatch.setattr(engine.data, "carve_validation_ids", lambda *a, **k: pytest.fail("recomputed the held-out ids"))
     assert train.main(train.parse_args(["--resume", str(run / "last.pt"), "--epochs", "3"])) == 0
     last = load_checkpoint(run / "last.pt")
     assert last["data"]["held_out_ids"] == load_checkpoint(out / "last.pt")["data"]["held_out_ids"]
