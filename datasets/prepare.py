@@ -19,6 +19,7 @@ from datasets import BENCHMARKS, PARSERS
 from datasets.base import DataError, Parsed
 from datasets.images import ImageReport, check_images, usable_cpus
 from datasets.validate import RecordReport, clean_records, describe_indices
+from utils.errors import run_main
 from utils.files import remove_stale, sha256_file, write_atomically
 
 FORMAT_VERSION = 1
@@ -198,12 +199,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """data.sh's exit status: 0 when every requested benchmark is prepared, 1 with one message otherwise."""
+    return run_main(prepare_all, get_args_parser().parse_args(argv))
+
+
+def prepare_all(args: argparse.Namespace) -> int:
     """Check every requested benchmark first; write only if all of them pass."""
-    args = get_args_parser().parse_args(argv)
     if not args.root.is_dir():
-        print(f"data.sh: error: dataset root {args.root} is not a folder. Pass the folder that holds "
-              "CUHK-PEDES/, ICFG-PEDES/ or RSTPReid/ (see the README, section Data).", file=sys.stderr)
-        return 1
+        raise DataError(f"data.sh: error: dataset root {args.root} is not a folder. Pass the folder that holds "
+                        "CUHK-PEDES/, ICFG-PEDES/ or RSTPReid/ (see the README, section Data).")
     names = list(BENCHMARKS) if args.name == "all" else [args.name]
     workers = args.workers or usable_cpus()
     prepared, errors, missing = [], [], []
@@ -224,10 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     elif not prepared and not errors:
         errors.append(f"no benchmark found under {args.root}: expected {', '.join(f'{n}/' for n in names)} "
                       "with its annotation file (see the README, section Data).")
-    if errors:
-        print("data.sh: error: " + " ".join(errors) + f" Nothing was written; {args.out} is unchanged.",
-              file=sys.stderr)
-        return 1
+    if errors:  # every benchmark's problems at once
+        raise DataError("data.sh: error: " + " ".join(errors) + f" Nothing was written; {args.out} is unchanged.")
     for prep in prepared:
         for stale in remove_stale(prep.out_dir.parent, of=prep.out_dir.name):
             print(f"{prep.name}: removed {args.out / stale}, left by an interrupted earlier run.")
@@ -237,9 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 write_atomically(prep.out_dir, prep.files)
             except OSError as err:
-                print(f"data.sh: error: writing {prep.out_dir} failed ({err}); its previous contents are kept. "
-                      f"Free disk space or fix the permissions of {args.out}, then re-run.", file=sys.stderr)
-                return 1
+                raise DataError(f"data.sh: error: writing {prep.out_dir} failed ({err}); its previous contents are "
+                                f"kept. Free disk space or fix the permissions of {args.out}, then re-run.") from None
             print(_summary(prep))
     if missing:
         print(f"not found under {args.root} (skipped): {', '.join(missing)}.")

@@ -18,6 +18,7 @@ from datasets import BENCHMARKS
 from datasets.base import Benchmark
 from datasets.synthetic.attributes import make_caption, sample_identities
 from datasets.synthetic.drawing import render
+from utils.errors import SettingError, run_main
 from utils.files import remove_stale, replacing_folder
 
 IMAGE_SIZE = (64, 128)  # width, height: a typical pedestrian crop's aspect ratio
@@ -122,28 +123,27 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The generator's exit status: 0 once the dataset is written, 1 with one message otherwise (2: a bad flag)."""
+    return run_main(write_dataset, get_args_parser().parse_args(argv))
+
+
+def write_dataset(args: argparse.Namespace) -> int:
     """Generate one dataset and print what was written and how long it took."""
-    args = get_args_parser().parse_args(argv)
     parts = args.size.lower().split("x")
     size = tuple(int(v) for v in parts) if len(parts) == 2 and all(v.isdigit() for v in parts) else (0,)
     if len(size) != 2 or min(size) < 16:
         print(f"synthetic: error: --size {args.size!r} is not WIDTHxHEIGHT with both sides >= 16.", file=sys.stderr)
         return 2
     target = args.out / args.format
-    if target.exists() and any(target.iterdir()):
-        if not args.force:
-            print(f"synthetic: error: {target} already exists and is not empty; pass --force to replace it.",
-                  file=sys.stderr)
-            return 1
+    if target.exists() and any(target.iterdir()) and not args.force:
+        raise SettingError(f"synthetic: error: {target} already exists and is not empty; pass --force to replace it.")
     start = time.perf_counter()
     try:
         root = generate(args.out, args.format, args.ids, args.images_per_id, args.seed, size)
     except ValueError as err:
-        print(f"synthetic: error: {err}.", file=sys.stderr)
-        return 1
+        raise SettingError(f"synthetic: error: {err}.") from None
     print(f"wrote {root}: {args.ids} ids x {args.images_per_id} images in {time.perf_counter() - start:.1f} s")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
