@@ -1,0 +1,2 @@
+"""What every package uses: atomic files (files.py), the user-facing error type (errors.py), distributed helpers
+(distributed.py)."""
