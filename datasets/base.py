@@ -70,9 +70,22 @@ def read_json_list(path: Path) -> list:
             f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}. "
             "Fix that spot (or restore the original file from the dataset's distribution)."
         ) from None
+    except ValueError as err:  # not a syntax error: a number of 4300+ digits, which Python's int() refuses
+        raise DataError(f"{path}: a number in it is too long to read ({str(err).split(':')[0]}); no id or other "
+                        "value has that many digits: restore the original file from the dataset's distribution."
+                        ) from None
+    except RecursionError:
+        raise DataError(
+            f"{path}: nested deeper than Python's JSON reader can follow (lists or objects inside one another "
+            "thousands of levels deep); a benchmark annotation is a list of flat records: restore the original "
+            "file from the dataset's distribution."
+        ) from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records at the top level, found {type(data).__name__}.")
     return data
+
+
+ID_LIMIT = 2 ** 63  # ids become 64-bit tensors (torch.long): |id| must stay below this
 
 
 def _parse_id(value) -> tuple[int, bool] | None:
@@ -83,8 +96,18 @@ def _parse_id(value) -> tuple[int, bool] | None:
         return value, False
     text = value.strip() if isinstance(value, str) else ""
     if text.isascii() and text.isdigit():  # str.isdigit alone accepts "1²" and "١", which int() refuses
-        return int(text), True
+        # int() refuses 4300+ digits; any id of more than 19 digits is out of range anyway (ID_LIMIT)
+        return (int(text) if len(text) <= 20 else ID_LIMIT), True
     return None
+
+
+def _is_text(value: str) -> bool:
+    """Whether value can be written as UTF-8: JSON can spell unpaired UTF-16 surrogates (\\ud800), Python keeps them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def normalise_image_path(value: str) -> str:
@@ -98,6 +121,10 @@ def _image_problem(value) -> str | None:
     """Why an image entry cannot be a path inside imgs/, or None."""
     if not isinstance(value, str) or not normalise_image_path(value):
         return "is not a non-empty path string"
+    if "\x00" in value:
+        return f"({value!r}) holds a NUL byte, which no file name can"
+    if not _is_text(value):
+        return f"({value!r}) holds an unpaired surrogate escape (\\ud800-\\udfff), which no file name can"
     stripped = value.strip().replace("\\", "/")
     if stripped.startswith("/") or re.match(r"^[A-Za-z]:", stripped):
         return f"({value!r}) is an absolute path; it must be relative to imgs/"
@@ -123,8 +150,17 @@ def _record_problem(raw, index: int, bench: Benchmark) -> str | None:
         return f"record {index} key 'captions' is a string, not a list of captions (write [\"...\"])"
     if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
         return f"record {index} key 'captions' is not a list of strings"
-    if _parse_id(raw["id"]) is None:
+    broken = next((i for i, c in enumerate(captions) if not _is_text(c)), None)
+    if broken is not None:
+        return (f"record {index} key 'captions' holds an unpaired surrogate escape (\\ud800-\\udfff), which is not "
+                f"text, in caption {broken} ({captions[broken][:60]!r})")
+    parsed = _parse_id(raw["id"])
+    if parsed is None:
         return f"record {index} key 'id' is {raw['id']!r}, not an integer (a JSON number or a string of digits 0-9)"
+    if abs(parsed[0]) >= ID_LIMIT:
+        digits = str(raw["id"]).strip()
+        shown = digits if len(digits) <= 40 else f"{digits[:20]}… ({len(digits)} digits)"
+        return f"record {index} key 'id' is {shown}, outside the 64-bit range (-2**63, 2**63) ids are kept in"
     return None
 
 
@@ -142,7 +178,8 @@ def parse_benchmark(bench: Benchmark, dataset_dir: Path) -> Parsed:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         raise DataError(
             f"{annotation}: {len(problems)} malformed record(s) (indices are 0-based positions in the list): "
-            f"{shown}{more}. Each record needs keys {list(bench.required_keys)}."
+            f"{shown}{more}. Each record needs keys {list(bench.required_keys)}: fix those records, or restore the "
+            "file from the dataset's distribution."
         )
     records, string_ids = [], 0
     for raw in raw_records:

@@ -1,7 +1,8 @@
 """`python -m datasets.prepare ROOT [NAME|all]`: check a benchmark on disk, then write processed_data/<NAME>.
 
-Every check runs before anything is written; the output folder is replaced in one rename, so a failed
-run leaves the previous `processed_data/<NAME>` exactly as it was. Exit status 0 on success, 1 on a data
+Every check runs before anything is written; the output folder is replaced in one atomic rename-exchange
+(utils/files.py swap_into_place), so a failed or killed run leaves the previous `processed_data/<NAME>` exactly
+as it was, and the next run removes what it left beside it. Exit status 0 on success, 1 on a data
 problem (one paragraph on stderr saying what, where and what to do), 2 on a usage error.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from datasets.base import DataError, Parsed
 from datasets.images import ImageReport, check_images, usable_cpus
 from datasets.validate import RecordReport, clean_records, describe_indices
 from utils.errors import run_main
-from utils.files import remove_stale, sha256_file, write_atomically
+from utils.files import remove_stale, restore_moved_aside, sha256_file, write_atomically
 
 FORMAT_VERSION = 1
 SPLIT_ORDER = ("train", "val", "test")
@@ -62,7 +63,7 @@ def is_up_to_date(out_dir: Path, fingerprint: str) -> bool:
         return meta.get("input_fingerprint") == fingerprint and all(
             sha256_file(out_dir / name) == sha for name, sha in meta["outputs"].items()
         )
-    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+    except (OSError, ValueError, KeyError, AttributeError, TypeError, RecursionError):
         return False
 
 
@@ -210,6 +211,9 @@ def prepare_all(args: argparse.Namespace) -> int:
                         "CUHK-PEDES/, ICFG-PEDES/ or RSTPReid/ (see the README, section Data).")
     names = list(BENCHMARKS) if args.name == "all" else [args.name]
     workers = args.workers or usable_cpus()
+    for name in names:  # first of all, whatever this run's input: an earlier output that a killed run moved aside
+        for restored in restore_moved_aside(args.out, of=name):
+            print(f"{name}: restored {args.out / restored}, which an interrupted earlier run had moved aside.")
     prepared, errors, missing = [], [], []
     for name in names:
         dataset_dir = locate(args.root, name)

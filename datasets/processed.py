@@ -1,11 +1,12 @@
 """Read processed_data/<NAME>/ (written by data.sh) back, validating it with errors that say what to run."""
 from __future__ import annotations
 
+import glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets.base import DataError
+from datasets.base import ID_LIMIT, DataError
 
 SPLIT_ORDER = ("train", "val", "test")
 RERUN = "run `bash data.sh <dataset_root> <NAME>` to (re)create it"
@@ -25,6 +26,11 @@ def load_meta(processed_dir: Path) -> dict:
     processed_dir = Path(processed_dir)
     meta_path = processed_dir / "meta.json"
     if not processed_dir.is_dir():
+        aside = sorted(processed_dir.parent.glob(f".{glob.escape(processed_dir.name)}.old-*/previous"))
+        if aside:  # data.sh's two-rename fallback swap was killed between its renames (utils/files.py)
+            raise DataError(f"processed dataset {processed_dir} is missing: an interrupted data.sh run left it moved "
+                            f"aside as {aside[0]}; re-run `bash data.sh <dataset_root> {processed_dir.name}`, which "
+                            "puts it back first.")
         raise DataError(f"processed dataset {processed_dir} does not exist: {RERUN} first "
                         "(it writes processed_data/<NAME>/ in the current folder).")
     if not meta_path.is_file():
@@ -32,6 +38,8 @@ def load_meta(processed_dir: Path) -> dict:
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         image_root, splits = Path(meta["image_root"]), meta["splits"]
+    except RecursionError:
+        raise DataError(f"{meta_path} is nested deeper than a data.sh output can be (damaged): {RERUN}.") from None
     except (ValueError, KeyError, TypeError) as err:
         raise DataError(f"{meta_path} is unreadable ({type(err).__name__}: {err}): {RERUN}.") from None
     if not image_root.is_dir():
@@ -59,16 +67,20 @@ def load_split(processed_dir: Path, split: str) -> SplitRecords:
                         + ("ICFG-PEDES has no val split: evaluate on test." if split == "val" else RERUN + "."))
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise DataError(f"{path} is nested deeper than a data.sh output can be (damaged): {RERUN}.") from None
     except ValueError as err:
         raise DataError(f"{path} is not valid JSON ({err}): {RERUN}.") from None
     if not isinstance(records, list) or not records:
         raise DataError(f"{path} should be a non-empty JSON list of records: {RERUN}.")
     for i, r in enumerate(records):
-        ok = (isinstance(r, dict) and isinstance(r.get("pid"), int) and isinstance(r.get("image"), str)
+        ok = (isinstance(r, dict) and type(r.get("pid")) is int and abs(r["pid"]) < ID_LIMIT
+              and isinstance(r.get("image"), str) and "\x00" not in r["image"]
               and isinstance(r.get("captions"), list) and r["captions"]
               and all(isinstance(c, str) and c for c in r["captions"]))
         if not ok:
-            raise DataError(f"{path}: record {i} is not {{'pid': int, 'image': str, 'captions': [non-empty str, ...]}}"
+            raise DataError(f"{path}: record {i} is not {{'pid': 64-bit int, 'image': str, 'captions': [non-empty str, "
+                            "...]}}"
                             f" (got {str(r)[:120]}): {RERUN}.")
     return SplitRecords(split, Path(meta["image_root"]), records)
 

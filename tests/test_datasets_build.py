@@ -164,6 +164,26 @@ def test_splits_and_missing_data_errors(processed, tmp_path):
         available_splits(copy)
 
 
+@pytest.mark.parametrize("damage, expected", [
+    (lambda d: (d / "train_reid.json").write_text("[" * 100_000 + "]" * 100_000), "train_reid.json is nested"),
+    (lambda d: (d / "meta.json").write_text("[" * 100_000 + "]" * 100_000), "meta.json is nested"),
+    (lambda d: (d / "train_reid.json").write_text(json.dumps([{"pid": 2 ** 64, "image": "a.jpg", "captions": ["a"]}])),
+     "record 0 is not"),
+])
+def test_damaged_processed_files_are_data_errors(processed, tmp_path, damage, expected):
+    copy = tmp_path / "copy"
+    shutil.copytree(processed / "ICFG-PEDES", copy)
+    damage(copy)
+    with pytest.raises(DataError, match=expected):
+        load_split(copy, "train")
+
+
+def test_a_processed_folder_moved_aside_by_a_killed_data_sh_says_how_to_get_it_back(processed, tmp_path):
+    shutil.copytree(processed / "ICFG-PEDES", tmp_path / ".ICFG-PEDES.old-ab12cd_3" / "previous")
+    with pytest.raises(DataError, match=r"\.ICFG-PEDES\.old-ab12cd_3/previous.*re-run .*data\.sh"):
+        load_split(tmp_path / "ICFG-PEDES", "train")
+
+
 def test_undecodable_image_names_the_file(processed, tmp_path):
     split = load_split(processed / "ICFG-PEDES", "train")
     broken = tmp_path / "imgs"

@@ -82,6 +82,9 @@ def test_json_syntax_error_names_file_line_and_column(generated, tmp_path):
     (lambda r: r[5].update(id="\u0661\u0662"), "record 5 key 'id' is '\u0661\u0662', not an integer"),
     (lambda r: r[1].update(captions="a man in a red coat"), "record 1 key 'captions' is a string, not a list"),
     (lambda r: r.__setitem__(4, ["not", "an", "object"]), "record 4 is a list"),
+    (lambda r: r[3].update(img_path="a/b\x00.jpg"), "record 3 key 'img_path' ('a/b\\x00.jpg') holds a NUL byte"),
+    (lambda r: r[5].update(id=2 ** 63), "record 5 key 'id' is 9223372036854775808, outside the 64-bit range"),
+    (lambda r: r[5].update(id="9" * 5000), "record 5 key 'id' is 99999999999999999999… (5000 digits), outside"),  # int() stops at 4300
 ])
 def test_malformed_records_are_named_by_index_and_key(generated, tmp_path, mutate, expected):
     copy = _copy(generated["RSTPReid"], tmp_path / "RSTPReid")
@@ -121,3 +124,39 @@ def test_image_paths_are_used_in_the_normalised_form_that_was_checked(generated,
     records[0]["img_path"] = f"  ./{expected}\t"
     write_annotation(path, records)
     assert PARSERS["RSTPReid"](copy).records[0].image == expected
+
+
+@pytest.mark.parametrize("spot, escape, expected", [
+    ("img_path", "\\ud800", "record 2 key 'img_path' ('\\ud800") ,
+    ("captions", "\\udfff", "record 2 key 'captions' holds an unpaired surrogate"),
+])
+def test_unpaired_surrogate_escapes_are_named(generated, tmp_path, spot, escape, expected):
+    """JSON can spell a lone UTF-16 surrogate (\\ud800), which no file name or UTF-8 text can hold."""
+    copy = _copy(generated["RSTPReid"], tmp_path / "RSTPReid")
+    path, records = read_annotation(copy)
+    records[2][spot] = "SPOT.jpg" if spot == "img_path" else ["SPOT a man"]
+    write_annotation(path, records)
+    path.write_text(path.read_text().replace("SPOT", escape))
+    with pytest.raises(DataError, match="malformed record") as err:
+        PARSERS["RSTPReid"](copy)
+    assert expected in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '[{"split": ' + "[" * 100_000 + "]" * 100_000 + "}]"])
+def test_deeply_nested_json_is_a_data_error_naming_the_file(generated, tmp_path, text):
+    copy = _copy(generated["CUHK-PEDES"], tmp_path / "CUHK-PEDES")
+    (copy / "reid_raw.json").write_text(text)
+    with pytest.raises(DataError, match="nested") as err:
+        PARSERS["CUHK-PEDES"](copy)
+    assert str(copy / "reid_raw.json") in str(err.value)
+
+
+def test_a_number_too_long_to_read_is_a_data_error_naming_the_file(generated, tmp_path):
+    copy = _copy(generated["CUHK-PEDES"], tmp_path / "CUHK-PEDES")
+    path, records = read_annotation(copy)
+    records[1]["id"] = 0
+    write_annotation(path, records)
+    path.write_text(path.read_text().replace('"id": 0', '"id": ' + "7" * 5000, 1))
+    with pytest.raises(DataError, match="digits") as err:
+        PARSERS["CUHK-PEDES"](copy)
+    assert str(path) in str(err.value) and len(str(err.value)) < 600

@@ -12,6 +12,7 @@ from PIL import Image
 
 from datasets import BENCHMARKS, prepare
 from tests.messy_data import make_dataset, make_messy_copy, read_annotation, write_annotation
+from utils import files
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = list(BENCHMARKS)
@@ -124,6 +125,10 @@ BAD_INPUTS = {
                       "no usable 'test' records"),
     "no image folder": (lambda d: shutil.rmtree(d / "imgs"), "image folder"),
     "no annotation": (lambda d: (d / "reid_raw.json").unlink(), "no reid_raw.json"),
+    "nul byte in an image path": (lambda d: _edit_records(d, lambda r: r[2].update(file_path="cam_a/x\x00.jpg")),
+                                  "record 2 key 'file_path' ('cam_a/x\\x00.jpg') holds a NUL byte"),
+    "deeply nested json": (lambda d: (d / "reid_raw.json").write_text("[" * 100_000 + "]" * 100_000),
+                           "reid_raw.json: nested"),
 }
 
 
@@ -133,8 +138,10 @@ def test_bad_input_gives_its_message_and_keeps_earlier_output(workspace, capsys,
     before = snapshot(out)
     damage, message = BAD_INPUTS[case]
     damage(dataset_dir)
-    code, stdout, errors = run_main([dataset_dir.parent, "CUHK-PEDES", "--out", out, "--workers", "1"], capsys)
-    assert code == 1 and len(errors) == 1, (stdout, errors)
+    code = prepare.main([str(dataset_dir.parent), "CUHK-PEDES", "--out", str(out), "--workers", "1"])
+    stdout, stderr = capsys.readouterr()
+    errors = [line for line in stderr.splitlines() if line.strip() and "checking images" not in line]  # no bars
+    assert code == 1 and len(errors) == 1 and errors[0].startswith("data.sh: error:"), (stdout, stderr)
     assert message in errors[0] and "Nothing was written" in errors[0]
     assert snapshot(out) == before
     assert sorted(p.name for p in out.iterdir()) == ["CUHK-PEDES"]  # no temp folders left behind
@@ -174,22 +181,121 @@ def test_failed_write_keeps_previous_output(workspace, capsys, monkeypatch):
     assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["CUHK-PEDES"]
 
 
-def test_failed_swap_restores_previous_output(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mechanism", ["exchange", "fallback"])
+def test_failed_swap_restores_previous_output(tmp_path, monkeypatch, mechanism):
     out_dir = tmp_path / "out" / "X"
     prepare.write_atomically(out_dir, {"a.json": b"old"})
-    real_rename, calls = os.rename, []
-
-    def rename(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:  # the temp folder moving into place
+    if mechanism == "exchange":  # the one atomic rename-exchange fails: nothing moved
+        def exchange(first, second):
             raise OSError(5, "Input/output error")
-        real_rename(src, dst)
 
-    monkeypatch.setattr(prepare.os, "rename", rename)
+        monkeypatch.setattr(files, "exchange", exchange)
+    else:  # no rename-exchange on this file system: two renames, the second fails
+        monkeypatch.setattr(files, "exchange", lambda first, second: False)
+        real_rename, calls = os.rename, []
+
+        def rename(src, dst):
+            calls.append(dst)
+            if len(calls) == 2:  # the temp folder moving into place
+                raise OSError(5, "Input/output error")
+            real_rename(src, dst)
+
+        monkeypatch.setattr(prepare.os, "rename", rename)
     with pytest.raises(OSError):
         prepare.write_atomically(out_dir, {"a.json": b"new"})
     assert (out_dir / "a.json").read_bytes() == b"old"
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["X"]
+
+
+class Killed(BaseException):
+    """A kill: like SIGKILL, nothing after it runs (every later removal raises it too, so no clean-up happens)."""
+
+
+def _first_caption(out):
+    return json.loads((out / "CUHK-PEDES" / "train_reid.json").read_text())[0]["captions"][0]
+
+
+def _assert_complete(out_dir):
+    """out_dir is a finished data.sh output: meta.json and every file it lists, with the recorded digests."""
+    meta = json.loads((out_dir / "meta.json").read_text())
+    assert {p.name for p in out_dir.iterdir()} == set(meta["outputs"]) | {"meta.json"}
+    assert all(hashlib.sha256((out_dir / n).read_bytes()).hexdigest() == sha for n, sha in meta["outputs"].items())
+
+
+def test_a_kill_right_after_the_first_step_of_the_swap_leaves_a_complete_output_and_the_next_run_cleans_up(
+        workspace, capsys, monkeypatch):
+    """Killed right after the swap's first step (the rename-exchange; two renames used to leave the name missing
+    here): processed_data/CUHK-PEDES is the complete new output, and the next run removes the previous one."""
+    dataset_dir, out = workspace
+    old_caption = _first_caption(out)
+    _edit_records(dataset_dir, lambda r: r[0]["captions"].__setitem__(0, "A changed caption."))
+    real_rename, real_exchange = os.rename, files.exchange
+
+    def rename_then_die(src, dst):
+        real_rename(src, dst)
+        raise Killed
+
+    def exchange_then_die(first, second):
+        if real_exchange(first, second):
+            raise Killed
+        return False
+
+    def killed(*_args, **_kwargs):
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(files.os, "rename", rename_then_die)
+        patch.setattr(files, "exchange", exchange_then_die)
+        patch.setattr(files.shutil, "rmtree", killed)  # no clean-up after the kill
+        with pytest.raises(Killed):
+            prepare.main([str(dataset_dir.parent), "CUHK-PEDES", "--out", str(out), "--workers", "1"])
+    capsys.readouterr()
+    assert (out / "CUHK-PEDES").is_dir(), sorted(p.name for p in out.iterdir())
+    _assert_complete(out / "CUHK-PEDES")
+    assert _first_caption(out) == "A changed caption." != old_caption
+    assert len(list(out.iterdir())) == 2  # plus the previous output under a stale name
+    code, stdout, _ = run_main([dataset_dir.parent, "CUHK-PEDES", "--out", out, "--workers", "1", "--force"], capsys)
+    assert code == 0 and "left by an interrupted earlier run" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["CUHK-PEDES"]
+    _assert_complete(out / "CUHK-PEDES")
+
+
+def test_a_kill_between_the_fallbacks_two_renames_is_undone_by_the_next_run_even_a_failing_one(workspace, capsys,
+                                                                                               monkeypatch):
+    """Without a rename-exchange (some file systems) the swap is two renames; a kill between them leaves the
+    previous output moved aside, and the next run puts it back first, whatever happens later in that run."""
+    dataset_dir, out = workspace
+    before = snapshot(out / "CUHK-PEDES")
+    _edit_records(dataset_dir, lambda r: r[0]["captions"].__setitem__(0, "A changed caption."))
+    real_rename, renames = os.rename, []
+
+    def rename_then_die(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:
+            raise Killed
+        real_rename(src, dst)
+
+    def killed(*_args, **_kwargs):
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(files, "exchange", lambda first, second: False)
+        patch.setattr(files.os, "rename", rename_then_die)
+        patch.setattr(files.shutil, "rmtree", killed)
+        with pytest.raises(Killed):
+            prepare.main([str(dataset_dir.parent), "CUHK-PEDES", "--out", str(out), "--workers", "1"])
+    capsys.readouterr()
+    assert not (out / "CUHK-PEDES").exists()  # the fallback's window, closed by the next run
+    annotation = (dataset_dir / "reid_raw.json").read_bytes()
+    _break_json(dataset_dir)
+    code, stdout, errors = run_main([dataset_dir.parent, "CUHK-PEDES", "--out", out, "--workers", "1"], capsys)
+    assert code == 1 and "restored" in stdout and len(errors) == 1
+    assert snapshot(out / "CUHK-PEDES") == before  # the previous output is back, unchanged, though this run failed
+    (dataset_dir / "reid_raw.json").write_bytes(annotation)
+    code, stdout, _ = run_main([dataset_dir.parent, "CUHK-PEDES", "--out", out, "--workers", "1"], capsys)
+    assert code == 0 and "left by an interrupted earlier run" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["CUHK-PEDES"] and _first_caption(out) == "A changed caption."
+    _assert_complete(out / "CUHK-PEDES")
 
 
 def test_messy_copy_is_cleaned_and_reported(clean, tmp_path, capsys):

@@ -1,18 +1,21 @@
 """Every file and folder the project writes goes through here: whole-file replacement (temporary file + rename,
 never through a link planted at the destination), whole-folder replacement (a fresh sibling folder swapped in by
-rename), clean-up of what an interrupted write leaves, output-folder checks, and file digests.
+one atomic rename-exchange), clean-up of what an interrupted write leaves, output-folder checks, and file digests.
 
 A fresh folder cannot hold a link planted by someone else, so nothing is ever written through one; a failed or
 killed run leaves the previous folder as it was, plus at most a `.<name>.tmp-*` or `.<name>.old-*` sibling, which
-the next run removes (`remove_stale`)."""
+the next run removes (`remove_stale`, which first puts back a folder that a killed fallback swap moved aside)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
@@ -21,7 +24,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 # characters>.tmp" (atomic_link's ".<name>.hardlink.tmp"), and replacing_folder's folders ".<name>.tmp-<8>" (being
 # filled) and ".<name>.old-<8>" (the previous folder, moved aside).
 _STALE_FILE = re.compile(r"^\.(?P<name>.+)\.([a-z0-9_]{8}|hardlink)\.tmp$")
-_STALE_FOLDER = re.compile(r"^\.(?P<name>.+)\.(tmp|old)-[a-z0-9_]{8}$")
+_STALE_FOLDER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[a-z0-9_]{8}$")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -70,12 +73,32 @@ def is_stale_temp(name: str) -> bool:
     return bool(_STALE_FILE.match(name))
 
 
-def remove_stale(folder: str | os.PathLike, of: str | None = None) -> list[str]:
-    """Delete the temporary files and folders that interrupted writes left in folder (only those of the destination
-    named `of`, when given); returns their names."""
+def restore_moved_aside(folder: str | os.PathLike, of: str | None = None) -> list[str]:
+    """Put back every destination that a killed two-rename swap (swap_into_place's fallback) left moved aside: when
+    <name> is absent and `.<name>.old-*/previous` exists, it is renamed back to <name>. Returns the names restored."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
+    restored = []
+    for entry in sorted(folder.iterdir()):
+        match = _STALE_FOLDER.match(entry.name)
+        if not match or match["kind"] != "old" or (of is not None and match["name"] != of):
+            continue
+        previous, destination = entry / "previous", folder / match["name"]
+        if not os.path.lexists(destination) and previous.is_dir() and not previous.is_symlink():
+            os.rename(previous, destination)
+            restored.append(match["name"])
+    return restored
+
+
+def remove_stale(folder: str | os.PathLike, of: str | None = None) -> list[str]:
+    """Delete the temporary files and folders that interrupted writes left in folder (only those of the destination
+    named `of`, when given); returns their names. A destination that a killed swap left moved aside is put back
+    first (restore_moved_aside), so what is deleted is never the only copy of a finished output."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    restore_moved_aside(folder, of)
     removed = []
     for entry in folder.iterdir():
         as_file, as_folder = _STALE_FILE.match(entry.name), _STALE_FOLDER.match(entry.name)
@@ -108,7 +131,6 @@ def check_writable_folder(folder: str | os.PathLike) -> None:
     os.remove(probe)
 
 
-
 def fresh_folder_beside(out_dir: Path) -> Path:
     """A new, empty `.<name>.tmp-XXXXXXXX` folder next to out_dir (permissions as the umask says)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -119,10 +141,85 @@ def fresh_folder_beside(out_dir: Path) -> Path:
     return tmp
 
 
+RENAME_EXCHANGE = 2  # <linux/fs.h>: renameat2 swaps the two names atomically
+_AT_FDCWD = -100  # <fcntl.h>: paths relative to the working directory
+# What renameat2 answers where the kernel, the file system or a sandbox cannot exchange: the fallback's cue.
+_CANNOT_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
+
+
+def _load_renameat2():
+    """libc's renameat2 (glibc 2.28+, musl 1.2.2+), or None off Linux or where libc lacks it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_RENAMEAT2 = _load_renameat2()
+
+
+def exchange(first: str | os.PathLike, second: str | os.PathLike) -> bool:
+    """Swap what the two existing names refer to, in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False,
+    with nothing changed, where the OS, its libc or the file system cannot; OSError for any other failure."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _CANNOT_EXCHANGE:
+        return False
+    raise OSError(code, os.strerror(code), str(first), None, str(second))
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename in it) to disk; best effort, as not every file system allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Delete what is at path: a folder with its contents, or a file or link (never what a link points to)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
 def swap_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the filled folder tmp to out_dir; an existing out_dir is moved aside first and deleted last."""
-    if not out_dir.exists():
+    """Put the filled folder tmp at out_dir, so that at every instant out_dir is the complete old or the complete new
+    folder; the old one is deleted last.
+
+    An absent out_dir is one rename. An existing one is swapped with tmp by one renameat2(RENAME_EXCHANGE): a single
+    atomic step that leaves the new folder at out_dir and the old one at tmp's `.<name>.tmp-*` name, deleted next;
+    a kill at any point leaves out_dir complete, and its leftover is a stale folder that the next run's
+    remove_stale deletes. Why an exchange rather than a symbolic link flipped to versioned folders (the other way to
+    get that guarantee): out_dir stays a plain folder, so the layout users, their copies (`cp -r`, rsync, moved
+    data) and the no-link rule above see is unchanged, nothing needs migrating, and no versioned folders pile up.
+    Where the exchange is unsupported (non-Linux, an old kernel or libc, some network or FUSE file systems) it
+    falls back to two renames: out_dir moved aside into `.<name>.old-*/previous`, then tmp renamed in; a failure
+    in between moves it back, and a kill in between leaves it there, where the next run's remove_stale (through
+    restore_moved_aside) puts it back before deleting anything.
+    """
+    if not os.path.lexists(out_dir):
         os.rename(tmp, out_dir)
+        _sync_folder(out_dir.parent)
+        return
+    if exchange(tmp, out_dir):
+        _sync_folder(out_dir.parent)
+        _remove(tmp)  # the previous folder, now under tmp's stale name
         return
     backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
     os.rename(out_dir, backup / "previous")  # a rename: the old folder survives any failure below
@@ -132,13 +229,14 @@ def swap_into_place(tmp: Path, out_dir: Path) -> None:
         os.rename(backup / "previous", out_dir)
         backup.rmdir()  # only once the old folder is back in place
         raise
+    _sync_folder(out_dir.parent)
     shutil.rmtree(backup, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def replacing_folder(out_dir: Path) -> Iterator[Path]:
-    """Yield a fresh sibling folder to fill; when the block succeeds it replaces out_dir in one rename, when it
-    fails it is deleted and out_dir is untouched."""
+    """Yield a fresh sibling folder to fill; when the block succeeds it replaces out_dir atomically (swap_into_place),
+    when it fails it is deleted and out_dir is untouched."""
     tmp = fresh_folder_beside(out_dir)
     try:
         yield tmp
