@@ -54,6 +54,18 @@ def write_bert_folder(folder: Path, hidden: int = 64, layers: int = 2, heads: in
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = transformers.BertModel(tiny_bert_config(hidden, layers, heads), add_pooling_layer=False)
-    model.save_pretrained(folder, safe_serialization=safetensors)
+    if safetensors:
+        model.save_pretrained(folder)
+    else:  # transformers 5 writes safetensors only; pytorch_model.bin is a torch.save'd state dict, as in 4.x
+        model.config.save_pretrained(folder)
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
     write_vocab(folder / "vocab.txt")
+    return folder
+
+
+def copy_bert_folder(source: Path, folder: Path) -> Path:
+    """A private copy of a BERT folder, to damage in one way."""
+    import shutil
+
+    shutil.copytree(source, folder)
     return folder

@@ -1,4 +1,5 @@
 """The authors' configuration (docs/method.md §9): BERT tokenisation, BERT token features, the §9 text path, bert-mode CFine."""
+import json
 import sys
 
 import pytest
@@ -8,10 +9,17 @@ import transformers  # requirements-bert.txt, installed by run_tests.sh through 
 from clip.model import CLIP, CLIPConfig
 from models import CFine, CFineConfig, CFineHead
 from models.optim import parameter_groups
-from models.text_encoders.bert import BertFolderError, architecture, check_bert_folder, load_pretrained_bert
-from models.text_encoders.bert_tokenizer import authors_string, bert_tokenize
+from models.text_encoders.bert import (
+    BertFolderError,
+    BertTextEncoder,
+    architecture,
+    check_bert_folder,
+    load_pretrained_bert,
+    read_vocabulary,
+)
+from models.text_encoders.bert_tokenizer import BertCaptionTokenizer, authors_string, bert_tokenize
 from tests import cfine_reference as ref
-from tests.bert_fixtures import tiny_bert_config, write_bert_folder, write_vocab
+from tests.bert_fixtures import copy_bert_folder, tiny_bert_config, tiny_vocab, write_bert_folder, write_vocab
 from tests.tolerance import assert_close, relative_error
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -79,6 +87,104 @@ def test_bert_folder_errors_name_what_is_missing(tmp_path, bert_folder, monkeypa
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
     with pytest.raises(BertFolderError, match="pip install -r requirements-bert.txt"):
         load_pretrained_bert(bert_folder)
+
+
+def _edit_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _write_tokens(path, tokens):
+    path.write_text("".join(token + "\n" for token in tokens), encoding="utf-8")
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+FIVE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# What a --bert folder can get wrong, and what the one-line error must say. Without the checks: specials missing
+# trained silently with "a" as padding id 0; a vocabulary past vocab_size failed in the first step (IndexError); a
+# 1-layer config over 2-layer weights silently dropped a layer; the others were tracebacks.
+BROKEN_FOLDERS = {
+    "vocab.txt without the special tokens": (
+        lambda d: _write_tokens(d / "vocab.txt", [t for t in tiny_vocab() if t not in FIVE_SPECIALS]),
+        r"vocab\.txt lacks BERT's special tokens \[PAD\], \[UNK\], \[CLS\], \[SEP\], \[MASK\]"),
+    "vocab.txt with [PAD] not first": (
+        lambda d: _write_tokens(d / "vocab.txt", tiny_vocab()[1:] + ["[PAD]"]),
+        r"vocab\.txt has \[PAD\] on line 211, not on line 1 \(id 0 is padding\)"),
+    "empty vocab.txt": (lambda d: (d / "vocab.txt").write_text(""), r"vocab\.txt is empty"),
+    "vocab.txt longer than vocab_size": (
+        lambda d: _write_tokens(d / "vocab.txt", tiny_vocab() + [f"extra{i}" for i in range(50)]),
+        r"vocab\.txt has 261 tokens but config\.json's vocab_size is 211"),
+    "config.json with fewer layers than the weights": (
+        lambda d: _edit_json(d / "config.json", lambda c: c.update(num_hidden_layers=1)),
+        r"model\.safetensors holds 2 layer\(s\) but config\.json's num_hidden_layers is 1"),
+    "config.json a JSON list": (lambda d: (d / "config.json").write_text("[1, 2]"),
+                                r"config\.json is a JSON list, not an object"),
+    "config.json not JSON": (lambda d: (d / "config.json").write_text("{"), r"config\.json is not valid JSON"),
+    "config.json with a string vocab_size": (
+        lambda d: _edit_json(d / "config.json", lambda c: c.update(vocab_size="211")),
+        r"config\.json's vocab_size is '211', not a positive integer"),
+    "truncated model.safetensors": (lambda d: _truncate(d / "model.safetensors"),
+                                    r"model\.safetensors is damaged or truncated"),
+    "model.safetensors of a few bytes": (lambda d: (d / "model.safetensors").write_bytes(b"\x05\x00"),
+                                         r"model\.safetensors is damaged or truncated"),
+    "tokenizer_config.json not an object": (lambda d: (d / "tokenizer_config.json").write_text("[true]"),
+                                            r"tokenizer_config\.json is a JSON list, not an object"),
+    "tokenizer_config.json with a string do_lower_case": (
+        lambda d: (d / "tokenizer_config.json").write_text('{"do_lower_case": "false"}'),
+        r"tokenizer_config\.json's do_lower_case is 'false', not true or false"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_FOLDERS))
+def test_a_broken_bert_folder_is_one_line_naming_the_file(tmp_path, bert_folder, case):
+    folder = copy_bert_folder(bert_folder, tmp_path / "bert")
+    damage, message = BROKEN_FOLDERS[case]
+    damage(folder)
+    with pytest.raises(BertFolderError, match=message) as error:
+        BertTextEncoder.load_source(str(folder))  # what train.py does with --bert
+    assert "\n" not in str(error.value) and str(folder) in str(error.value)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy pickle"])
+def test_a_truncated_pytorch_model_bin_names_the_file(tmp_path, zip_format):
+    folder = write_bert_folder(tmp_path / "bert", safetensors=False)
+    assert not (folder / "model.safetensors").exists()
+    if not zip_format:  # the format of releases saved before torch 1.6
+        weights = torch.load(folder / "pytorch_model.bin")
+        torch.save(weights, folder / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert load_pretrained_bert(folder)[0] is not None  # whole, it loads
+    _truncate(folder / "pytorch_model.bin")
+    with pytest.raises(BertFolderError, match=r"pytorch_model\.bin .*damaged or truncated") as error:
+        load_pretrained_bert(folder)
+    assert "\n" not in str(error.value)
+
+
+def test_vocabulary_checks_also_guard_reading_the_vocabulary_alone_and_the_tokenizer(tmp_path, bert_folder):
+    folder = copy_bert_folder(bert_folder, tmp_path / "bert")
+    _write_tokens(folder / "vocab.txt", [t for t in tiny_vocab() if t != "[SEP]"])
+    with pytest.raises(BertFolderError, match=r"vocab\.txt lacks BERT's special token \[SEP\]"):
+        read_vocabulary(folder)
+    for text in ("", "a\nman\n"):  # e.g. a checkpoint's vocabulary from before these checks
+        with pytest.raises(BertFolderError, match="the BERT vocabulary"):
+            BertCaptionTokenizer(text)
+
+
+def test_an_architecture_that_cannot_take_the_ids_is_refused_before_the_first_step():
+    """Both used to be an IndexError in the first training step: fewer positions than the 100 ids per caption, and
+    (a checkpoint's vocabulary, say) more tokens than vocab_size."""
+    clip = CLIPConfig.tiny((64, 32)).vision_only()
+    with pytest.raises(ValueError, match="max_position_embeddings 64, fewer than the 100 ids per caption"):
+        CFineConfig(clip=clip, text_encoder="bert",
+                    bert=architecture(tiny_bert_config().to_dict()) | {"max_position_embeddings": 64})
+    config = CFineConfig(clip=clip, text_encoder="bert", bert=architecture(tiny_bert_config().to_dict()))
+    vocab = "".join(token + "\n" for token in tiny_vocab() + ["extra"])
+    with pytest.raises(BertFolderError, match="vocabulary has 212 tokens but the BERT architecture's vocab_size is 211"):
+        CFine(config, text_vocab=vocab)
 
 
 def test_the_public_release_layout_loads_exactly(tmp_path):

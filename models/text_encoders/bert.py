@@ -9,6 +9,9 @@ words is stochastic (docs/method.md §9). BertTextEncoder (at the end) is its en
 from __future__ import annotations
 
 import json
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -39,8 +42,74 @@ def import_transformers():
     return transformers
 
 
-def check_bert_folder(folder: str | Path) -> Path:
-    """A Hugging Face BERT folder holds config.json, vocab.txt and one weights file; else an error naming the gap."""
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # BERT's; [PAD] is id 0, the padding id
+DEFAULT_VOCAB_SIZE = 30522  # BertConfig's default: what a config.json without vocab_size means
+# config.json fields that size the model: each, where given, a positive integer
+CONFIG_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings", "type_vocab_size")
+JSON_TYPES = {list: "list", str: "string", int: "number", float: "number", bool: "true/false", type(None): "null"}
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (library messages span several), cut to limit characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _read_json_object(path: Path, folder: Path) -> dict:
+    """A --bert folder's JSON file, which must hold one object; else an error naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise BertFolderError(f"--bert {folder}: {path} is nested too deeply to be a BERT file; {GET_BERT}") from None
+    except UnicodeDecodeError as error:
+        raise BertFolderError(f"--bert {folder}: {path} is not UTF-8 text (byte {error.start}); {GET_BERT}") from None
+    except ValueError as error:
+        raise BertFolderError(f"--bert {folder}: {path} is not valid JSON ({_one_line(error)}); {GET_BERT}") from None
+    except OSError as error:
+        raise BertFolderError(f"--bert {folder}: {path} cannot be read ({_one_line(error)})") from None
+    if not isinstance(data, dict):
+        raise BertFolderError(f"--bert {folder}: {path} is a JSON {JSON_TYPES.get(type(data), type(data).__name__)}, "
+                              f"not an object; {GET_BERT}")
+    return data
+
+
+def read_config(folder: Path) -> dict:
+    """config.json of a --bert folder: an object whose size fields are positive integers."""
+    config = _read_json_object(folder / "config.json", folder)
+    for key in CONFIG_SIZES:
+        value = config.get(key, 1)
+        if type(value) is not int or value < 1:
+            raise BertFolderError(f"--bert {folder}: config.json's {key} is {value!r}, not a positive integer; "
+                                  f"{GET_BERT}")
+    return config
+
+
+def vocabulary_tokens(text: str) -> list[str]:
+    """vocab.txt's tokens as transformers reads them: one a line, the id of each its line number from 0."""
+    tokens = text.split("\n")
+    if tokens[-1] == "":
+        tokens.pop()  # the final newline ends the last line; it starts no token
+    return tokens
+
+
+def vocabulary_problem(text: str) -> str | None:
+    """What makes a vocabulary unusable as BERT's (empty, a special token missing, [PAD] not id 0), or None."""
+    tokens = vocabulary_tokens(text)
+    if not any(token.strip() for token in tokens):
+        return "is empty"
+    present = [token.strip() for token in tokens]
+    missing = [token for token in SPECIAL_TOKENS if token not in present]
+    if missing:
+        return (f"lacks BERT's special token{'s' if len(missing) > 1 else ''} {', '.join(missing)} (a BERT vocab.txt "
+                "has [PAD] on its first line and [UNK], [CLS], [SEP] and [MASK] after it)")
+    if present[0] != "[PAD]":
+        return f"has [PAD] on line {present.index('[PAD]') + 1}, not on line 1 (id 0 is padding)"
+    return None
+
+
+def _checked_folder(folder: str | Path) -> tuple[Path, dict, str]:
+    """(folder, config.json's object, vocab.txt's text) of a --bert folder that passes every check below."""
     folder = Path(folder)
     if not folder.is_dir():
         raise BertFolderError(f"--bert {folder}: no such folder; {GET_BERT}")
@@ -49,27 +118,44 @@ def check_bert_folder(folder: str | Path) -> Path:
         missing.append(" or ".join(WEIGHT_FILES))
     if missing:
         raise BertFolderError(f"--bert {folder}: missing {', '.join(missing)}; {GET_BERT}")
-    return folder
+    config = read_config(folder)
+    path = folder / "vocab.txt"
+    try:
+        vocab = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise BertFolderError(f"--bert {folder}: {path} cannot be read ({_one_line(error)})") from None
+    problem = vocabulary_problem(vocab)
+    if problem:
+        raise BertFolderError(f"--bert {folder}: {path} {problem}, so it is not BERT's vocab.txt; {GET_BERT}")
+    size, vocab_size = len(vocabulary_tokens(vocab)), config.get("vocab_size", DEFAULT_VOCAB_SIZE)
+    if size > vocab_size:
+        raise BertFolderError(
+            f"--bert {folder}: {path} has {size} tokens but config.json's vocab_size is {vocab_size}, so ids from "
+            f"{vocab_size} on have no embedding; vocab.txt and config.json must come from the same release: {GET_BERT}")
+    return folder, config, vocab
+
+
+def check_bert_folder(folder: str | Path) -> Path:
+    """A Hugging Face BERT folder holds config.json (an object), a BERT vocab.txt that fits its vocab_size, and one
+    weights file; else an error naming the gap."""
+    return _checked_folder(folder)[0]
 
 
 def read_lower_case(folder: Path) -> bool:
     """do_lower_case from tokenizer_config.json when the folder has one; True (bert-base-uncased) otherwise."""
     path = folder / "tokenizer_config.json"
-    if path.is_file():
-        try:
-            return bool(json.loads(path.read_text()).get("do_lower_case", True))
-        except (OSError, json.JSONDecodeError) as error:
-            raise BertFolderError(f"{path}: cannot be read ({error})") from None
-    return True
+    if not path.is_file():
+        return True
+    value = _read_json_object(path, folder).get("do_lower_case", True)
+    if not isinstance(value, bool):
+        raise BertFolderError(f"--bert {folder}: tokenizer_config.json's do_lower_case is {value!r}, not true or "
+                              "false; write it as a JSON true/false (or delete the file: bert-base-uncased lower-cases)")
+    return value
 
 
 def read_vocabulary(folder: str | Path) -> tuple[str, bool]:
     """(vocab.txt's text, whether WordPiece lower-cases) of a checked --bert folder: what its tokeniser needs."""
-    folder = check_bert_folder(folder)
-    try:
-        vocab = (folder / "vocab.txt").read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise BertFolderError(f"{folder / 'vocab.txt'}: cannot be read ({error})") from None
+    folder, _, vocab = _checked_folder(folder)
     return vocab, read_lower_case(folder)
 
 
@@ -81,13 +167,51 @@ def build_bert(config: dict) -> nn.Module:
     return transformers.BertModel(bert_config, add_pooling_layer=False)
 
 
+def weights_file(folder: Path) -> Path:
+    """The weights file transformers loads from a --bert folder: model.safetensors where there is one."""
+    return next(folder / name for name in WEIGHT_FILES if (folder / name).is_file())
+
+
+def _damaged(folder: Path, weights: Path, detail: str) -> BertFolderError:
+    return BertFolderError(f"--bert {folder}: {weights} is damaged or truncated ({detail}); {GET_BERT}")
+
+
+def check_weights_file(folder: Path, weights: Path) -> None:
+    """A weights file that cannot be whole is refused before transformers reads it: safetensors' header must cover
+    the file; a zip-format pytorch_model.bin must end with its central directory (the part a truncation loses)."""
+    if weights.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError, ValueError) as error:
+            raise _damaged(folder, weights, _one_line(error)) from None
+        return
+    with open(weights, "rb") as handle:
+        zip_format = handle.read(4) == b"PK\x03\x04"
+    if zip_format and not zipfile.is_zipfile(weights):
+        raise _damaged(folder, weights, "its zip archive has no central directory")
+
+
+def _leftover(key: str) -> bool:
+    """Whether a weight that BertModel has no place for is an expected part of a release: the pre-training heads
+    (cls.*), the pooler CFine does not use, or the position-ids buffer older transformers saved."""
+    name = key.removeprefix("bert.")
+    return key.startswith("cls.") or name.startswith("pooler.") or name.endswith("position_ids")
+
+
 def load_pretrained_bert(folder: str | Path) -> tuple[nn.Module, dict]:
     """BertModel with the folder's weights (local files only, never a download) and its config as a dict.
 
     Keys of the public release ('bert.' prefix, the pre-training heads, old gamma/beta names) are mapped by
-    transformers; an encoder weight the file lacks is an error, not a silent random initialisation.
+    transformers; loading is strict both ways: an encoder weight the file lacks is an error, not a silent random
+    initialisation, and a weight config.json's architecture has no place for (a layer more than it says) is an
+    error, not silently dropped.
     """
-    folder = check_bert_folder(folder)
+    folder, config, _ = _checked_folder(folder)
+    weights = weights_file(folder)
+    check_weights_file(folder, weights)
     transformers = import_transformers()
     logging = transformers.utils.logging
     verbosity = logging.get_verbosity()
@@ -96,17 +220,33 @@ def load_pretrained_bert(folder: str | Path) -> tuple[nn.Module, dict]:
         model, info = transformers.BertModel.from_pretrained(
             str(folder), add_pooling_layer=False, attn_implementation="eager", local_files_only=True,
             output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise BertFolderError(f"--bert {folder}: cannot be loaded ({type(error).__name__}: {error})") from None
+    except (EOFError, pickle.UnpicklingError) as error:  # a legacy (pickle) pytorch_model.bin, cut short
+        raise _damaged(folder, weights, f"{type(error).__name__}: {_one_line(error)}") from None
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
+        raise BertFolderError(f"--bert {folder}: {weights.name} cannot be loaded with its config.json "
+                              f"({type(error).__name__}: {_one_line(error)}): the file is damaged or truncated, or "
+                              f"config.json does not describe it; {GET_BERT}") from None
     finally:
         logging.set_verbosity(verbosity)
     missing = [key for key in info.get("missing_keys", []) if not key.startswith("pooler.")]
     mismatched = info.get("mismatched_keys", [])
     if missing or mismatched:
-        shown = ", ".join(map(str, (missing + list(mismatched))[:5]))
+        shown = ", ".join(map(str, (sorted(missing) + list(mismatched))[:5]))
         raise BertFolderError(f"--bert {folder}: the weights file lacks or misshapes BERT weights ({shown}); {GET_BERT}")
-    config = model.config.to_dict()
-    return model.float(), architecture(config)
+    unexpected = sorted(key for key in info.get("unexpected_keys", []) if not _leftover(key))
+    if unexpected:
+        layers = {int(m[1]) for key in unexpected if (m := re.search(r"(?:^|\.)encoder\.layer\.(\d+)\.", key))}
+        said = config.get("num_hidden_layers", model.config.num_hidden_layers)
+        if layers:
+            raise BertFolderError(
+                f"--bert {folder}: {weights.name} holds {max(layers) + 1} layer(s) but config.json's "
+                f"num_hidden_layers is {said}, so loading would silently drop {max(layers) + 1 - said} of them; "
+                f"put the config.json that came with these weights in the folder: {GET_BERT}")
+        raise BertFolderError(
+            f"--bert {folder}: {weights.name} holds weights that config.json's BERT has no place for "
+            f"({', '.join(unexpected[:5])}{', ...' if len(unexpected) > 5 else ''}: {len(unexpected)} in all); "
+            f"config.json and the weights must come from the same release: {GET_BERT}")
+    return model.float(), architecture(model.config.to_dict())
 
 
 def architecture(config: dict) -> dict:
@@ -145,6 +285,11 @@ class BertTextEncoder(TextEncoder):
         if config.bert.get("hidden_size") != config.clip.vision.width:
             raise ValueError(f"BERT's hidden size {config.bert.get('hidden_size')} must equal the image tokens' "
                              f"width {config.clip.vision.width} (docs/method.md §9: both 768)")
+        positions = config.bert.get("max_position_embeddings", 512)
+        if positions < config.bert_max_length:
+            raise ValueError(f"BERT's config.json has max_position_embeddings {positions}, fewer than the "
+                             f"{config.bert_max_length} ids per caption (docs/method.md §9); use a BERT release "
+                             "with at least that many positions (bert-base-uncased has 512)")
 
     @classmethod
     def tokenizer(cls, options: Mapping[str, Any], vocab: str | None) -> CaptionTokenizer:
@@ -173,6 +318,11 @@ class BertTextEncoder(TextEncoder):
         """A random BertModel of config.bert's architecture; the vocabulary must come along (checkpoints carry it)."""
         if vocab is None:
             raise ValueError("a bert-mode CFine needs its vocabulary (the text of BERT's vocab.txt)")
+        size, vocab_size = len(vocabulary_tokens(vocab)), config.bert.get("vocab_size", DEFAULT_VOCAB_SIZE)
+        if size > vocab_size:
+            raise BertFolderError(f"the BERT vocabulary has {size} tokens but the BERT architecture's vocab_size is "
+                                  f"{vocab_size}, so ids from {vocab_size} on have no embedding; its vocab.txt and "
+                                  "config.json came from different releases")
         return build_bert(config.bert)
 
     @classmethod

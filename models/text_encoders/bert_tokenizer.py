@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from models.text_encoders.bert import import_transformers
+from models.text_encoders.bert import BertFolderError, import_transformers, vocabulary_problem
 
 
 def authors_string(caption: str) -> str:
@@ -36,6 +36,11 @@ class BertCaptionTokenizer:
     """Captions -> (N, max_length) ids by the authors' rule, from a vocab.txt's text (so it travels in checkpoints)."""
 
     def __init__(self, vocab_text: str, lower_case: bool = True, max_length: int = 100):
+        problem = vocabulary_problem(vocab_text)  # a --bert folder's is checked on reading; this guards the rest
+        if problem:
+            raise BertFolderError(f"the BERT vocabulary (vocab.txt's text) {problem}, so it is not BERT's vocab.txt: "
+                                  "use the one of a BERT release (bert-base-uncased: "
+                                  "https://huggingface.co/google-bert/bert-base-uncased)")
         transformers = import_transformers()
         self.max_length = max_length
         # from_pretrained on a folder holding vocab.txt builds the fast tokenizer the same way in transformers
