@@ -9,16 +9,28 @@ from __future__ import annotations
 
 # ruff: noqa: E402 (the flags are parsed before the heavy imports: see below)
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from engine.settings import AMP_MODES, TABLE, Setting, default_device, flag_type
 
 
+def benchmark_name(text: str) -> str:
+    """argparse type of --dataset: a benchmark's name exactly (a folder such as CUHK-PEDES/ is --data_root's part:
+    taken as a name it would skip the check that a run's own benchmark is the run's data)."""
+    names = TABLE["dataset"].choices
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"{json.dumps(text)} is not a benchmark name; dataset takes one of "
+                                         f"{', '.join(names)} (the folder that holds it is --data_root)")
+    return text
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Evaluate a CFine checkpoint")
     parser.add_argument("--checkpoint", required=True, help="best.pt or last.pt written by train.py")
-    parser.add_argument("--dataset", help="default: the dataset the checkpoint was trained on")
+    parser.add_argument("--dataset", type=benchmark_name, metavar="{" + ",".join(TABLE["dataset"].choices) + "}",
+                        help="default: the dataset the checkpoint was trained on")
     parser.add_argument("--data_root", "--data-root",
                         help="folder holding data.sh's <dataset>/ (default: the training run's)")
     parser.add_argument("--split", default="test", choices=["test", "val"],
@@ -56,14 +68,15 @@ from evaluation.visualize import query_pages
 from models.checkpoint import load_model
 from models.precision import resolve_amp
 from utils import distributed
-from utils.errors import DataError, SettingError
+from utils.errors import CheckpointError, DataError, SettingError
 from utils.files import check_writable_folder, write_json
 
 
 def carved_ids(state: dict, split: str, dataset: str) -> list[int]:
     """The training ids the run held out as its val split (datasets/holdout.py), for --split val on a dataset
     without one; [] otherwise."""
-    if split != "val" or dataset != state.get("args", {}).get("dataset"):
+    train_args = state.get("args") if isinstance(state.get("args"), dict) else {}
+    if split != "val" or dataset != train_args.get("dataset"):
         return []
     return held_out_ids(state)
 
@@ -71,8 +84,11 @@ def carved_ids(state: dict, split: str, dataset: str) -> list[int]:
 def main(args: argparse.Namespace) -> int:
     info, device = distributed.init_distributed(args.device or default_device())
     model, state = load_model(args.checkpoint, device)
-    train_args = state.get("args", {})
+    train_args = state.get("args") if isinstance(state.get("args"), dict) else {}
     dataset = args.dataset or train_args.get("dataset")
+    if dataset is None:
+        raise CheckpointError(f"{args.checkpoint}: the checkpoint does not record the dataset its run trained on "
+                              f"(args.dataset): pass --dataset NAME ({', '.join(TABLE['dataset'].choices)})")
     data_root = args.data_root or train_args.get("data_root", "processed_data")
     processed = Path(data_root) / dataset
     amp = resolve_amp(args.amp, device)

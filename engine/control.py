@@ -38,11 +38,12 @@ def set_rng_state(state: dict) -> None:
 
 
 class TrainingStopped(Exception):
-    """Raised after the step during which SIGINT/SIGTERM arrived; `step` steps of the epoch are done."""
+    """Raised after the step during which SIGINT/SIGTERM arrived; `step` steps of the epoch are done, and
+    `epoch_sums` holds the epoch's running loss sums so far (engine/loop.py), for the checkpoint to carry."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, epoch_sums: dict | None = None):
         super().__init__(f"stopped after step {step}")
-        self.step = step
+        self.step, self.epoch_sums = step, epoch_sums
 
 
 class StopRequest:

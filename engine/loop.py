@@ -21,22 +21,24 @@ from utils import distributed
 
 
 def train_one_epoch(model, loader, optimizer, scaler, guard: StepGuard, stop: StopRequest, *, device, amp: str,
-                    epoch: int, start_step: int, progress: bool, chunk_size: int | None = None) -> dict:
+                    epoch: int, start_step: int, progress: bool, chunk_size: int | None = None,
+                    carried: dict | None = None) -> dict:
     """One pass over the epoch's remaining batches; returns the epoch's metrics.jsonl row (epoch_row).
 
     chunk_size: gradient caching (engine/grad_cache.py), the same step with encoder memory for that many pairs.
+    carried: the epoch_sums of the steps before start_step (a resumed mid-epoch checkpoint's): the running sums go on
+    from them, so the row is the uninterrupted epoch's.
 
     A step whose loss or gradients are not finite is skipped before the optimiser step (the guard puts back the
     BN statistics its forward changed; TrainingDiverged after too many in a row); a stop request ends the epoch
-    after the current step with TrainingStopped.
+    after the current step with TrainingStopped, which carries the epoch's sums so far (epoch_sums).
     """
     model.train()
-    sums: dict[str, torch.Tensor] = {}
-    kept = pairs = 0
+    sums, kept, pairs, seconds_before = carried_sums(carried, device)
     step = start_step
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", initial=start_step, total=start_step + len(loader),
                disable=not progress, dynamic_ncols=True)
-    started = time.perf_counter()
+    started = time.perf_counter() - seconds_before
     for batch in bar:
         images, flips, tokens, pids = (batch[key].to(device, non_blocking=True)
                                        for key in ("images", "flips", "tokens", "pids"))
@@ -59,8 +61,28 @@ def train_one_epoch(model, loader, optimizer, scaler, guard: StepGuard, stop: St
             bar.set_postfix({k.removeprefix("loss_"): f"{float(v) / max(kept, 1):.3f}" for k, v in sums.items()}
                             | {"pairs/s": f"{rate:.0f}"})
         if stopping:
-            raise TrainingStopped(step)
+            raise TrainingStopped(step, epoch_sums(sums, kept, pairs, started))
     return epoch_row(epoch, _rank_means(sums, kept), pairs, optimizer, guard, started)
+
+
+def epoch_sums(sums: dict[str, torch.Tensor], kept: int, pairs: int, started: float) -> dict:
+    """An interrupted epoch's running sums for its checkpoint: every rank's loss sums (gathered, a collective: every
+    rank stops after the same step), as float32 tensors of shape (world size,); the kept steps and this rank's pairs
+    (the same on every rank), and the training seconds so far."""
+    columns = {}
+    if sums:  # (none before the first kept step, on every rank alike)
+        every = distributed.gather_rows(torch.stack(list(sums.values()))[None]).cpu()  # (world size, keys)
+        columns = {key: every[:, i].clone(memory_format=torch.contiguous_format) for i, key in enumerate(sums)}
+    return {"sums": columns, "kept": kept, "pairs": pairs, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def carried_sums(carried: dict | None, device) -> tuple[dict[str, torch.Tensor], int, int, float]:
+    """(sums, kept, pairs, seconds) to start an epoch from: zeros, or this rank's share of epoch_sums."""
+    if not carried:
+        return {}, 0, 0, 0.0
+    rank = distributed.get_rank()
+    sums = {key: every[rank].to(device) for key, every in carried["sums"].items()}
+    return sums, carried["kept"], carried["pairs"], carried["seconds"]
 
 
 def guarded_update(optimizer, scaler, guard: StepGuard, loss: torch.Tensor,

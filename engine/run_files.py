@@ -23,7 +23,9 @@ RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "environment.
 
 
 def claim_output_dir(settings: argparse.Namespace, info: DistInfo) -> Path:
-    """The run's folder: the checkpoint's on --resume; a new run needs it empty unless --overwrite."""
+    """The run's folder: the checkpoint's on --resume; a new run needs it empty unless --overwrite. Only checks (and
+    creates the folder, to prove it writable): an overwritten run's files are deleted by start_output, once the run
+    has passed every check of its start."""
     output_dir = Path(settings.output_dir)
     continuing = bool(settings.resume) and Path(settings.resume).resolve().parent == output_dir.resolve()
     if continuing and settings.overwrite:
@@ -31,6 +33,9 @@ def claim_output_dir(settings: argparse.Namespace, info: DistInfo) -> Path:
     contents = folder_contents(output_dir) if info.is_main else []
     if contents and not continuing and not settings.overwrite:
         listed = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
+        if not (output_dir / "last.pt").is_file():  # a run stopped before its first checkpoint, or other files
+            raise SettingError(f"--output_dir {output_dir} is not empty ({listed}) but holds no checkpoint to resume: "
+                               "pass --overwrite to replace the run files there, or choose another --output_dir")
         raise SettingError(f"--output_dir {output_dir} is not empty ({listed}): pass --resume {output_dir / 'last.pt'} "
                            "to continue the run there, --overwrite to replace it, or choose another --output_dir")
     if info.is_main:
@@ -43,8 +48,8 @@ def claim_output_dir(settings: argparse.Namespace, info: DistInfo) -> Path:
 
 
 def start_output(output_dir: Path, settings: argparse.Namespace, model: CFine, data: TrainData, info, device, amp: str, epoch: int) -> None:
-    """Rank 0: delete an overwritten run's files, write config.json, environment.json (and the held-out ids), say
-    what will run and which split selects best.pt."""
+    """Rank 0, once the run has passed every check of its start: delete an overwritten run's files, write
+    config.json, environment.json (and the held-out ids), say what will run and which split selects best.pt."""
     if settings.overwrite:
         for name in RUN_FILES:
             (output_dir / name).unlink(missing_ok=True)

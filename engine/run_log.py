@@ -4,10 +4,12 @@ TensorBoard logs (--tensorboard).
 train.log receives every line rank 0 prints to stdout or stderr, without tqdm's progress bars (tqdm draws each
 state of a bar with one write that holds a carriage return; those writes, and the newline that ends a finished
 bar, are left out). It is appended to on --resume. It is a log, written as it goes, not atomically: a killed run
-leaves the lines printed so far.
+leaves the lines printed so far. While a run checks what can fail at its start, ConsoleCopy holds the lines in
+memory (`hold`); `start` writes them to train.log first, and a start that fails writes no train.log at all.
 """
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -46,17 +48,34 @@ class _Tee:
 
 
 class ConsoleCopy:
-    """Context manager: between start(path) and exit, sys.stdout and sys.stderr are also copied to path."""
+    """Context manager: between start(path) and exit, sys.stdout and sys.stderr are also copied to path; from
+    hold() on, lines are kept in memory until start() writes them to path (if it never runs, they go nowhere)."""
 
     def __init__(self):
         self.file: TextIO | None = None
         self.saved: tuple[TextIO, TextIO] | None = None
+        self.held: io.StringIO | None = None
+
+    def _copy_to(self, log: TextIO) -> None:
+        if self.saved is None:
+            self.saved = sys.stdout, sys.stderr
+            sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
+        else:
+            sys.stdout.log = sys.stderr.log = log
+
+    def hold(self) -> None:
+        """Keep the console's lines in memory from now on, for start() to write first."""
+        self.held = io.StringIO()
+        self._copy_to(self.held)
 
     def start(self, path: str | Path, append: bool) -> None:
-        """Copy the console to path from now on (append: keep what an earlier part of the run wrote)."""
+        """Copy the console to path from now on, the held lines first (append: keep what an earlier part of the run
+        wrote)."""
         self.file = open(path, "a" if append else "w", encoding="utf-8", buffering=1)
-        self.saved = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _Tee(sys.stdout, self.file), _Tee(sys.stderr, self.file)
+        if self.held is not None:
+            self.file.write(self.held.getvalue())
+            self.held = None
+        self._copy_to(self.file)
 
     def __enter__(self) -> "ConsoleCopy":
         return self
@@ -64,10 +83,11 @@ class ConsoleCopy:
     def __exit__(self, *exc) -> None:
         if self.saved is not None:
             for tee in (sys.stdout, sys.stderr):
-                if isinstance(tee, _Tee) and tee.partial:
+                if isinstance(tee, _Tee) and tee.partial and self.file is not None:
                     self.file.write(tee.partial + "\n")
             sys.stdout, sys.stderr = self.saved
             self.saved = None
+        self.held = None
         if self.file is not None:
             self.file.close()
             self.file = None
@@ -103,13 +123,19 @@ def _table_line(first: str, groups: list[list[str]]) -> str:
                                          for cells, group_widths in zip(groups, widths))
 
 
-def summary_writer(folder: str | Path):
-    """A torch.utils.tensorboard.SummaryWriter on folder; a SettingError naming the package if it is missing."""
+def summary_writer_class():
+    """torch.utils.tensorboard's SummaryWriter; a SettingError naming the package if it is missing (train.py asks
+    before the run writes anything)."""
     try:
         from torch.utils.tensorboard import SummaryWriter  # optional dependency: only --tensorboard needs it
     except ImportError:
         raise SettingError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(str(folder))
+    return SummaryWriter
+
+
+def summary_writer(folder: str | Path):
+    """A torch.utils.tensorboard.SummaryWriter on folder; a SettingError naming the package if it is missing."""
+    return summary_writer_class()(str(folder))
 
 
 class TrainingBoard:

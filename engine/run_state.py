@@ -28,10 +28,11 @@ class RunState:
     saved: Path | None = None  # the checkpoint that holds this run's latest good state
     skipped_steps: int = 0  # steps skipped for non-finite values, in all and in a row (StepGuard's counts)
     nonfinite_in_a_row: int = 0
+    epoch_sums: dict | None = None  # the running loss sums of the step_in_epoch steps done (engine/loop.py)
 
     def finish_epoch(self, row: dict) -> bool:
         """Record a finished epoch's row; True if its R@1 is the best so far (so best.pt is due)."""
-        self.epoch, self.step_in_epoch = row["epoch"], 0
+        self.epoch, self.step_in_epoch, self.epoch_sums = row["epoch"], 0, None
         self.history.append(row)
         improved = "R1" in row and row["R1"] > self.best["R1"]
         if improved:
@@ -46,6 +47,7 @@ def run_settings(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | N
     resumed = None
     if args.resume:
         resumed = load_checkpoint(args.resume)
+        check_resumable(resumed, args.resume)
         settings_table.apply_checkpoint(settings, resumed["args"], args.resume)
     if settings.output_dir is None:
         settings.output_dir = str(Path(args.resume).parent if args.resume else
@@ -54,16 +56,45 @@ def run_settings(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | N
     return settings, resumed
 
 
+# What a checkpoint needs for --resume to continue its run (besides args, its settings); written by make_checkpoint.
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step_in_epoch", "history", "best",
+               "config")
+
+
+def check_resumable(state: dict, path: str) -> None:
+    """CheckpointError unless the checkpoint holds what --resume continues a run from: its settings (args, with the
+    dataset) and train.py's state of the run (RESUME_KEYS, the config with its class count)."""
+    saved = state.get("args")
+    if not isinstance(saved, dict) or "dataset" not in saved:
+        raise CheckpointError(f"--resume {path}: the checkpoint does not record its run's settings "
+                              f"({'args.dataset' if isinstance(saved, dict) else 'args'}); resume from a last.pt or "
+                              "best.pt that train.py wrote, or start a new run")
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if "config" in state and not (isinstance(state["config"], dict) and "num_classes" in state["config"]):
+        missing.append("config.num_classes")
+    if missing:
+        raise CheckpointError(f"--resume {path}: the checkpoint lacks {', '.join(missing)} (train.py's state of a "
+                              "run, needed to continue it); resume from a last.pt or best.pt that train.py wrote, or "
+                              "start a new run")
+
+
 def restore_run(state: dict, model, optimizer, scheduler, scaler, settings: argparse.Namespace,
                 info: distributed.DistInfo) -> RunState:
     """Load a checkpoint's model, optimiser, schedule, scaler and RNG states; the run's position and history."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as error:  # a hand-made or foreign state
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"--resume {settings.resume}: its state does not fit the run it describes "
+                              f"({type(error).__name__}: {first_line}); resume from a last.pt or best.pt that train.py "
+                              "wrote, or start a new run") from None
     run = RunState(state["epoch"], state["step_in_epoch"], state["history"], state["best"], Path(settings.resume),
-                   state.get("skipped_steps", 0), state.get("nonfinite_in_a_row", 0))
+                   state.get("skipped_steps", 0), state.get("nonfinite_in_a_row", 0),
+                   state.get("epoch_sums") if state["step_in_epoch"] > 0 else None)
     saved_world = state.get("world_size", 1)
     if saved_world != info.world_size and run.step_in_epoch > 0:
         raise CheckpointError(f"--resume {settings.resume}: saved by {saved_world} process(es) in the middle of epoch "
@@ -73,6 +104,9 @@ def restore_run(state: dict, model, optimizer, scheduler, scaler, settings: argp
     if info.is_main:
         print(f"resumed {settings.resume}: epoch {run.epoch + 1} of {settings.epochs}, after {run.step_in_epoch} steps "
               "of it")
+        if run.step_in_epoch > 0 and run.epoch_sums is None:
+            print(f"note: {settings.resume} was saved mid-epoch before checkpoints carried the epoch's running loss "
+                  f"sums: epoch {run.epoch + 1}'s logged losses average its steps after this resume only")
         if saved_world != info.world_size:
             print(f"note: trained so far by {saved_world} process(es), now {info.world_size}: the global batch "
                   f"changes from {settings.batch_size * saved_world} to {settings.batch_size * info.world_size}")
@@ -87,4 +121,4 @@ def make_checkpoint(model: CFine, optimizer, scheduler, scaler, guard: StepGuard
             "config": model.config.to_dict(), "text_vocab": model.text_vocab, "args": settings_table.as_dict(settings),
             "history": run.history, "best": run.best, "eval_split": data.eval_split,
             "world_size": distributed.get_world_size(), "data": data.identity, "skipped_steps": guard.total,
-            "nonfinite_in_a_row": guard.in_a_row}
+            "nonfinite_in_a_row": guard.in_a_row, "epoch_sums": run.epoch_sums}

@@ -39,8 +39,18 @@ def _json(value: Any) -> str:
     return json.dumps(value, default=str)
 
 
+# torch keeps a device index in 8 signed bits (torch.device("cuda:200") is cuda:-56) and a seed in 64 unsigned ones.
+MAX_DEVICE_INDEX = 127
+MAX_SEED = 2**64 - 1
+
+
 def _device_problem(value: str) -> str | None:
-    return None if re.fullmatch(r"cpu|cuda(:\d+)?", value) else "cpu, cuda or cuda:N"
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", value)
+    if not match:
+        return "cpu, cuda or cuda:N"
+    if match.group(1) is not None and int(match.group(1)) > MAX_DEVICE_INDEX:
+        return f"cpu, cuda or cuda:N with N a GPU index from 0 to {MAX_DEVICE_INDEX}"
+    return None
 
 
 def _increasing(values: list) -> str | None:
@@ -58,6 +68,7 @@ class Setting:
     choices: tuple = ()
     minimum: float | None = None  # every value >= minimum
     above: float | None = None  # every value > above
+    maximum: int | None = None  # every value <= maximum
     role: str = RUN
     help: str = ""
     group: str | None = None
@@ -74,7 +85,8 @@ class Setting:
             each = " ".join(filter(None, [
                 {int: "integer", float: "number", str: "string", bool: "true or false"}[self.kind],
                 f">= {self.minimum:g}" if self.minimum is not None else "",
-                f"> {self.above:g}" if self.above is not None else ""]))
+                f"> {self.above:g}" if self.above is not None else "",
+                f"and <= {self.maximum}" if self.maximum is not None else ""]))
         if not (self.choices or self.kind is bool):
             each = ("an " if each[0] in "aeiou" else "a ") + each
         if self.count:
@@ -100,6 +112,7 @@ class Setting:
         ok = ok and (self.kind is not float or math.isfinite(v))
         ok = ok and (not self.choices or v in self.choices)
         ok = ok and (self.minimum is None or v >= self.minimum) and (self.above is None or v > self.above)
+        ok = ok and (self.maximum is None or v <= self.maximum)
         if not ok:
             raise SettingError(f"{source}: {_json(whole)} is not allowed; {self.name} takes {self.allowed()}")
         return v
@@ -170,7 +183,7 @@ TRAIN_SETTINGS = (
     Setting("workers", None, int, minimum=0, role=KEPT,
             help="data loader processes per training process (default: the node's cores shared among its training "
                  "processes, minus one for each)"),
-    Setting("seed", 42, int, minimum=0),
+    Setting("seed", 42, int, minimum=0, maximum=MAX_SEED),
     Setting("eval_every", 1, int, minimum=1, help="evaluate every N epochs (and after the last)"),
     Setting("select_on", "val", choices=("val", "test"),
             help="the split that evaluates during training and selects best.pt: val (a dataset without one, "
@@ -219,12 +232,26 @@ def get_args_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: an object whose keys are all different (json.loads keeps the last of a repeated
+    key silently)."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} is given twice; keep one")
+        seen[key] = value
+    return seen
+
+
 def read_config(path: str) -> dict[str, Any]:
     """A --config file's settings, each checked against the table."""
     try:
-        values = json.loads(Path(path).read_text(encoding="utf-8"))
+        values = json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=_no_repeated_keys)
     except (OSError, ValueError) as error:
         raise SettingError(f"--config {path}: {error}") from None
+    except RecursionError:
+        raise SettingError(f"--config {path}: nested too deeply to be a settings file (expected a JSON object of "
+                           "settings)") from None
     if not isinstance(values, dict):
         raise SettingError(f"--config {path}: expected a JSON object of settings, found {type(values).__name__}")
     checked = {}

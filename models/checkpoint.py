@@ -1,7 +1,22 @@
-"""Atomic checkpoint files: one dict per checkpoint, written to a temporary file and renamed."""
+"""Atomic checkpoint files: one dict per checkpoint, written to a temporary file and renamed, with a checksum of its
+content inside it, verified whenever it is read.
+
+The checksum (key "sha256") is a SHA256 over everything else the dict holds: its structure, every plain value and
+every tensor's dtype, shape and bytes. It lives inside the file, so it is replaced in the same rename as the content
+(never out of step with it, whatever moment a run is killed), and it stays valid under any name: best.pt is a hard
+link to last.pt, and a copied checkpoint keeps it. torch.load reads a file whose stored tensor bytes (or pickled
+values) changed after writing without complaint; load_checkpoint refuses it. The cost is one pass of SHA256 over the
+tensors at save and at load, spread over up to 8 threads (hashlib releases the GIL): at ViT-B/16 size with Adam's
+state (1.86 GiB of random tensors) verifying took 1.8-2.0 s on 2 shared CPU cores, on top of torch.load's 0.8-2.8 s.
+Checkpoints written before the checksum load with a note that they are not verified.
+"""
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +28,65 @@ from utils.errors import CheckpointError
 from utils.files import atomic_write
 
 FORMAT = "cfine-checkpoint-v1"
+DIGEST_KEY = "sha256"  # the content checksum's key; absent from checkpoints written before it
 
 
+def content_digest(state: Any) -> str:
+    """SHA256 (hex) of a checkpoint's content as torch.load(weights_only=True) gives it back: the nesting of dicts
+    and lists, each key and plain value, each tensor's dtype, shape and bytes (device, strides and storage sharing
+    aside, which loading need not keep). The same before torch.save and after torch.load."""
+    tensors: list[torch.Tensor] = []
+    digest = hashlib.sha256()
+    _feed_structure(state, digest, tensors)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        for tensor_digest in pool.map(_tensor_digest, tensors):
+            digest.update(tensor_digest)
+    return digest.hexdigest()
+
+
+def _feed_structure(value: Any, digest, tensors: list[torch.Tensor]) -> None:
+    """Everything but the tensors' bytes into digest (each tensor as its dtype, shape and place in `tensors`)."""
+    if isinstance(value, torch.Tensor):
+        digest.update(f"T{value.dtype}{tuple(value.shape)}#{len(tensors)};".encode())
+        tensors.append(value)
+    elif isinstance(value, Mapping):
+        digest.update(f"D{len(value)};".encode())
+        for key, item in value.items():
+            _feed_structure(key, digest, tensors)
+            _feed_structure(item, digest, tensors)
+    elif isinstance(value, (list, tuple)):  # torch.load gives tuples back as tuples; the digest does not tell them apart
+        digest.update(f"L{len(value)};".encode())
+        for item in value:
+            _feed_structure(item, digest, tensors)
+    elif isinstance(value, (str, bytes)):
+        data = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
+        digest.update(f"{'S' if isinstance(value, str) else 'B'}{len(data)};".encode())
+        digest.update(data)
+    elif isinstance(value, float):
+        digest.update(f"F{value.hex()};".encode())
+    else:  # None, bool, int; torch.dtype and the other types weights_only allows
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
+
+
+def _tensor_digest(tensor: torch.Tensor) -> bytes:
+    """SHA256 of a tensor's elements' bytes in row-major order (a host copy first for a GPU tensor)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return hashlib.sha256().digest()
+    # Contiguous: the elements lie densely from the storage offset on (a one-element tensor may keep any stride).
+    flat = torch.as_strided(flat, (flat.numel(),), (1,))
+    return hashlib.sha256(flat.view(torch.uint8).numpy()).digest()
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """torch.save(state) atomically; the previous file at path stays valid if saving fails.
+    """torch.save(state) atomically, with the checksum of its content; the previous file at path stays valid if
+    saving fails.
 
     A full disk reaches here as OSError (from the file system) or as RuntimeError (torch.save's own writer
     reports "file write failed"); both get the same message.
     """
-    state = {"format": FORMAT, **state}
+    state = {"format": FORMAT, **{key: value for key, value in state.items() if key != DIGEST_KEY}}
+    state[DIGEST_KEY] = content_digest(state)
     try:
         atomic_write(path, lambda f: torch.save(state, f))
     except (OSError, RuntimeError) as error:
@@ -50,7 +113,23 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"{path}: not a CFine checkpoint written by train.py (no '{FORMAT}' marker). "
             "To start from CLIP weights use train.py --clip instead"
         )
+    verify_content(state, path)
     return state
+
+
+def verify_content(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """CheckpointError unless the loaded state matches the checksum saved in it; a note on stderr for a checkpoint
+    written before checkpoints carried one."""
+    if DIGEST_KEY not in state:
+        print(f"note: {path} carries no checksum (written before checkpoints had one): its content is not verified",
+              file=sys.stderr)
+        return
+    content = {key: value for key, value in state.items() if key != DIGEST_KEY}
+    if state[DIGEST_KEY] != content_digest(content):
+        raise CheckpointError(
+            f"{path}: its content does not match the checksum written with it (it changed after saving: a disk, copy "
+            "or transfer error, or an edit). Use the other checkpoint in the same folder (last.pt / best.pt) or retrain"
+        )
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CFine, dict[str, Any]]:

@@ -51,6 +51,27 @@ def test_console_copy_keeps_the_lines_printed_after_real_tqdm_bars(tmp_path, cap
     assert "encode" in capsys.readouterr().err  # the console did show the bars
 
 
+def test_console_copy_holds_the_lines_until_the_log_starts_and_drops_them_if_it_never_does(tmp_path, capsys):
+    log = tmp_path / "train.log"
+    with ConsoleCopy() as console:
+        console.hold()  # a run's checks: printed, held, no file yet
+        print("resumed run x")
+        print("partial", end="", file=sys.stderr)
+        print(" line", file=sys.stderr)
+        assert not log.exists()
+        console.start(log, append=False)
+        print("after the checks")
+    assert log.read_text() == "resumed run x\npartial line\nafter the checks\n"
+    assert "resumed run x" in capsys.readouterr().out
+    with pytest.raises(CFineError):
+        with ConsoleCopy() as console:
+            console.hold()
+            print("checking")
+            raise CFineError("a check failed")
+    assert type(sys.stdout).__name__ != "_Tee" and "checking" in capsys.readouterr().out
+    assert log.read_text().endswith("after the checks\n")  # nothing held was written anywhere
+
+
 ROW = {"epoch": 2, "loss": 12.34567, "loss_cmpm": 3.5, "loss_cmpc": 8.25, "loss_diversity": 0.0456, "loss_ranking": 0.5449,
        "lr_head": 5.5e-05, "lr_image_encoder": 5.5e-06, "skipped_steps": 0, "seconds": 81.26, "pairs_per_s": 1234.56,
        "eval_split": "val", "R1": 45.678, "R5": 70.0, "R10": 80.004, "mAP": 40.5, "mINP": 20.25, "R1_global": 1.0,
@@ -165,3 +186,4 @@ def test_tensorboard_missing_is_a_one_line_error(processed_root, tmp_path, monke
                              *TINY_TRAIN_FLAGS, "--epochs", "1", "--tensorboard"])
     with pytest.raises(CFineError, match="pip install tensorboard"):
         train.main(args)
+    assert not (tmp_path / "run").exists()  # found before the run wrote anything (no empty train.log)

@@ -59,6 +59,14 @@ def test_the_table_gives_the_defaults_and_the_attribute_names(monkeypatch):
     (["--chunk_size=-4"], "--chunk_size: -4 is not allowed; chunk_size takes an integer >= 1 (or null)"),
     (["--batch_size", "16", "--chunk_size", "17"], "--chunk_size 17 is larger than the batch (16 per process): give a "
                                                     "chunk size from 1 to 16"),
+    # Beyond what torch's seeds (64 bits) and device indices (8 bits) hold: one line here, not an error at start.
+    (["--seed", "99999999999999999999"],
+     "--seed: 99999999999999999999 is not allowed; seed takes an integer >= 0 and <= 18446744073709551615"),
+    (["--seed", "18446744073709551616"], "seed takes an integer >= 0 and <= 18446744073709551615"),
+    (["--device", "cuda:99999999999999999999"],
+     '--device: "cuda:99999999999999999999" is not allowed; device takes cpu, cuda or cuda:N with N a GPU index '
+     "from 0 to 127"),
+    (["--device", "cuda:128"], "device takes cpu, cuda or cuda:N with N a GPU index from 0 to 127"),
 ])
 def test_bad_flags_fail_in_one_line_naming_the_setting_and_the_allowed_values(argv, named, capsys):
     line = parse_error(argv, capsys)
@@ -76,6 +84,8 @@ def test_bad_flags_fail_in_one_line_naming_the_setting_and_the_allowed_values(ar
     ({"lr_image": -1}, '"lr_image": -1 is not allowed; lr_image takes a number >= 0'),
     ({"epochz": 5}, "key 'epochz' is not a train.py setting"),
     ({"resume": "runs/x/last.pt"}, "key 'resume' is a command-line flag only"),
+    ({"seed": 2**70}, '"seed": 1180591620717411303424 is not allowed; seed takes an integer >= 0 and <= '
+                      "18446744073709551615"),
 ])
 def test_bad_config_values_fail_like_flags(tmp_path, values, named, capsys):
     config = tmp_path / "bad.json"
@@ -90,6 +100,27 @@ def test_a_config_that_is_not_an_object_or_not_json(tmp_path, capsys):
     assert "expected a JSON object of settings, found list" in parse_error(["--config", str(config)], capsys)
     config.write_text("{'single': 'quotes'}")
     assert f"--config {config}: Expecting property name" in parse_error(["--config", str(config)], capsys)
+
+
+def test_a_config_key_given_twice_or_nesting_too_deep_is_one_line(tmp_path, capsys):
+    config = tmp_path / "twice.json"
+    config.write_text('{"epochs": 3, "lr_head": 0.5, "epochs": 5}')  # json.loads would keep the last silently
+    assert f"--config {config}: key 'epochs' is given twice; keep one" in parse_error(["--config", str(config)], capsys)
+    config.write_text('{"milestones": [1, 2], "cmpm_weights": {"a": 1, "a": 2}}')
+    assert "key 'a' is given twice" in parse_error(["--config", str(config)], capsys)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    assert f"--config {deep}: nested too deeply to be a settings file" in parse_error(["--config", str(deep)], capsys)
+    deep.write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
+    assert "nested too deeply" in parse_error(["--config", str(deep)], capsys)
+
+
+def test_test_py_device_index_beyond_what_torch_holds_is_one_line(capsys):
+    import test as evaluate_script
+
+    with pytest.raises(SystemExit):
+        evaluate_script.get_args_parser().parse_args(["--checkpoint", "x.pt", "--device", "cuda:99999999999999999999"])
+    assert "device takes cpu, cuda or cuda:N with N a GPU index from 0 to 127" in capsys.readouterr().err
 
 
 def test_config_values_become_canonical_and_flags_override_them(tmp_path):

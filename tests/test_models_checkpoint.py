@@ -1,5 +1,7 @@
-"""models/checkpoint.py: atomic writes that survive a full disk, and clear errors for unusable files."""
+"""models/checkpoint.py: atomic writes that survive a full disk, a checksum that catches content changed after
+saving, and clear errors for unusable files."""
 import errno
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +87,74 @@ def test_checkpoint_from_another_model_is_rejected_by_load_model(tmp_path):
     save_checkpoint({"model": other.state_dict(), "config": model.config.to_dict()}, tmp_path / "mixed.pt")
     with pytest.raises(CheckpointError, match="weights do not match"):
         load_model(tmp_path / "mixed.pt", torch.device("cpu"))
+
+
+def change_a_weight(path: Path) -> None:
+    """Change one byte inside the stored bytes of the checkpoint's first floating-point model tensor (its last
+    element's lowest byte): a still well-formed file whose weights differ, which torch.load reads without complaint."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    tensor = next(t for t in state["model"].values() if t.is_floating_point() and t.numel() >= 4)
+    stored = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    data = bytearray(path.read_bytes())
+    at = data.find(stored)
+    assert at >= 0 and data.find(stored, at + 1) < 0
+    data[at + len(stored) - tensor.element_size()] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(path, map_location="cpu", weights_only=True)["model"][
+        next(k for k, t in state["model"].items() if t is tensor)], tensor)  # torch.load succeeds, with other weights
+
+
+def test_a_checkpoint_whose_weights_changed_after_saving_is_refused_naming_the_file(tmp_path):
+    model = CFine(CFineConfig(clip=CLIPConfig.tiny(), num_classes=5))
+    path = tmp_path / "run" / "last.pt"
+    save_checkpoint({"model": model.state_dict(), "config": model.config.to_dict()}, path)
+    load_model(path)  # verified and loaded
+    change_a_weight(path)
+    for load in (load_checkpoint, load_model):
+        with pytest.raises(CheckpointError, match=r"last\.pt: its content does not match the checksum written with "
+                                                  r"it .*Use the other checkpoint in the same folder \(last\.pt / "
+                                                  r"best\.pt\) or retrain"):
+            load(path)
+
+
+def test_the_checksum_covers_the_settings_and_history_too(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.arange(4.0)}, "args": {"dataset": "CUHK-PEDES"}, "history": [{"R1": 1.5}]},
+                    path)
+    data = path.read_bytes()
+    assert data.count(b"CUHK-PEDES") == 1
+    path.write_bytes(data.replace(b"CUHK-PEDES", b"ICFG-PEDES"))  # same length: the pickle still reads
+    assert torch.load(path, weights_only=True)["args"]["dataset"] == "ICFG-PEDES"
+    with pytest.raises(CheckpointError, match="does not match the checksum"):
+        load_checkpoint(path)
+
+
+def test_best_pt_a_hard_link_to_last_pt_verifies_under_either_name(tmp_path):
+    from engine.run_files import save_files
+
+    save_files(tmp_path, {"model": {"w": torch.randn(8)}}, best=True)
+    assert (tmp_path / "best.pt").samefile(tmp_path / "last.pt")
+    assert torch.equal(load_checkpoint(tmp_path / "best.pt")["model"]["w"], load_checkpoint(tmp_path / "last.pt")["model"]["w"])
+    save_files(tmp_path, {"model": {"w": torch.randn(8)}})  # a later epoch that is not the best: best.pt stays valid
+    load_checkpoint(tmp_path / "best.pt")
+    load_checkpoint(tmp_path / "last.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # the checksum needs no sidecar
+
+
+def test_a_checkpoint_written_before_checksums_still_loads_with_a_note(tmp_path, capsys):
+    path = tmp_path / "old.pt"
+    torch.save({"format": ckpt.FORMAT, "epoch": 2, "model": {"w": torch.zeros(3)}}, path)
+    assert load_checkpoint(path)["epoch"] == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"note: {path} carries no checksum") and "not verified" in err[0]
+
+
+def test_a_checkpoint_saved_from_any_device_verifies_after_loading(tmp_path):
+    # bf16 and bool; a non-contiguous view (t); empty and 0-d tensors; one-element column views (c, c2: any stride)
+    state = {"model": {"h": torch.randn(3, 5, dtype=torch.bfloat16), "m": torch.ones(2, dtype=torch.bool),
+                       "t": torch.randn(4, 6).t(), "e": torch.zeros(0), "s": torch.tensor(3),
+                       "c": torch.randn(1, 5)[:, 2], "c2": torch.randn(1, 5)[:, 2].clone()},
+             "rng": {"python": (3, tuple(range(5)), None)}, "best": {"R1": float("nan"), "epoch": None}}
+    save_checkpoint(state, tmp_path / "x.pt")
+    loaded = load_checkpoint(tmp_path / "x.pt")
+    assert torch.equal(loaded["model"]["t"], state["model"]["t"]) and loaded["rng"]["python"][1] == tuple(range(5))

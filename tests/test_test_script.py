@@ -1,13 +1,17 @@
 """test.py: it evaluates a moved copy of the run's data but refuses other data, checks its output folder before
-evaluating, records the machine, and never writes through a link planted in its output folder."""
+evaluating, records the machine, and never writes through a link planted in its output folder; checkpoints changed
+after saving, or without the settings of their run, and --dataset values that are not a benchmark are one line."""
 import json
+import shutil
 
 import pytest
 import torch
 
 import test as evaluate_script
 from engine.environment import cpu_model
+from models.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import moved_copy
+from tests.test_models_checkpoint import change_a_weight
 from utils.errors import CFineError
 
 pytestmark = pytest.mark.usefixtures("module_single_thread")
@@ -50,3 +54,41 @@ def test_visualize_never_writes_through_a_link_planted_in_the_output_folder(tiny
     assert victim.read_bytes() == b"not to be touched"
     assert not (pages / "query_000.png").is_symlink() and (pages / "query_000.png").stat().st_size > 1000
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["split"] == "test"
+
+
+def eval_args(checkpoint, *extra):
+    return evaluate_script.get_args_parser().parse_args(
+        ["--checkpoint", str(checkpoint), "--workers", "0", "--no_progress", "--device", "cpu", *map(str, extra)])
+
+
+def test_test_py_refuses_a_checkpoint_changed_after_saving(tiny_checkpoint, tmp_path, monkeypatch):
+    changed = shutil.copy(tiny_checkpoint, tmp_path / "best.pt")
+    change_a_weight(changed)
+    monkeypatch.setattr(evaluate_script, "encode_split", lambda *a, **k: pytest.fail("evaluated"))
+    with pytest.raises(CFineError, match=r"best\.pt: its content does not match the checksum written with it"):
+        evaluate_script.main(eval_args(changed, "--output_dir", tmp_path / "eval"))
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("value", ["CUHK-PEDES/", "./CUHK-PEDES", "processed_data/CUHK-PEDES"])
+def test_dataset_takes_a_benchmark_name_not_a_folder(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_args("x.pt", "--dataset", value)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f'argument --dataset: "{value}" is not a benchmark name; dataset takes one of CUHK-PEDES, ICFG-PEDES, ' \
+           "RSTPReid (the folder that holds it is --data_root)" in err
+
+
+@pytest.mark.parametrize("remove", [lambda state: state.pop("args"), lambda state: state["args"].pop("dataset"),
+                                    lambda state: state.update(args=["not", "a", "dict"])])
+def test_a_checkpoint_without_its_runs_dataset_is_one_line(tiny_checkpoint, processed_root, tmp_path, remove):
+    state = load_checkpoint(tiny_checkpoint)
+    remove(state)
+    save_checkpoint(state, tmp_path / "hand.pt")
+    with pytest.raises(CFineError, match=r"hand\.pt: the checkpoint does not record the dataset its run trained on "
+                                         r"\(args\.dataset\): pass --dataset NAME"):
+        evaluate_script.main(eval_args(tmp_path / "hand.pt", "--data_root", processed_root))
+    # Told the dataset, it evaluates (the data check needs the run's record, which this checkpoint lacks).
+    assert evaluate_script.main(eval_args(tmp_path / "hand.pt", "--data_root", processed_root,
+                                          "--dataset", "CUHK-PEDES", "--output_dir", tmp_path / "eval")) == 0
