@@ -2,12 +2,14 @@
 
 An image is reused when its relative path, size and mtime equal the index's record of it; the rest are encoded
 with the checkpoint's model as test.py encodes a gallery (uint8 resize, normalised on the device, the
-concatenated retrieval feature stored as fp16). Unreadable images are skipped and listed, not fatal.
+concatenated retrieval feature stored as fp16). Unreadable images, and images the model gives non-finite
+features (NaN or inf: an fp16 overflow, a broken checkpoint), are skipped and listed, not fatal; the next run
+tries them again. File names that are not UTF-8 are indexed like any other (image_folder.py).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +22,19 @@ from datasets.transforms import ResizeToUint8, to_model_input
 from models.cfine import retrieval_features
 from models.checkpoint import load_model
 from models.precision import autocast, resolve_amp
-from retrieval.image_folder import ImageFiles, collate_readable, scan_image_folder
+from retrieval.image_folder import ImageFiles, collate_readable, scan_image_folder, shown_name
 from retrieval.index import FEATURE, checkpoint_identity, gather_rows, open_for_update, write_index
 from utils.errors import SettingError
 
 SHOWN = 10  # unreadable images and links listed by name in the summary; the rest are counted
+NON_FINITE = "the model gave non-finite features (NaN or inf)"
 
 
 @torch.no_grad()
 def encode_files(model, paths: list[Path], mean_std: str, device: torch.device, amp: str, batch_size: int,
                  workers: int, progress: bool) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
-    """Retrieval features (M, 3D) fp16 of the readable images, their positions in paths, and (position, why) of the rest."""
+    """Retrieval features (M, 3D) fp16 of the readable images with finite features, their positions in paths, and
+    (position, why) of the rest."""
     transform = ResizeToUint8(tuple(model.config.clip.vision.image_size))  # as test.py: uint8, normalised on the device
     loader = DataLoader(ImageFiles([str(p) for p in paths], transform), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=collate_readable, pin_memory=device.type == "cuda")
@@ -43,8 +47,11 @@ def encode_files(model, paths: list[Path], mean_std: str, device: torch.device, 
                 with autocast(device, amp):
                     images = to_model_input(batch["images"].to(device, non_blocking=True), mean_std)
                     encoded = model.encode_images(images)
-                features.append(retrieval_features(encoded.float(), FEATURE).half().cpu().numpy())
-                positions.append(batch["positions"].numpy())
+                batch_features = retrieval_features(encoded.float(), FEATURE).half().cpu()
+                finite = torch.isfinite(batch_features).all(dim=1)
+                failed += [(p, NON_FINITE) for p in batch["positions"][~finite].tolist()]
+                features.append(batch_features[finite].numpy())
+                positions.append(batch["positions"][finite].numpy())
             bar.update(len(batch["positions"]) + len(batch["failed"]))
     return np.concatenate(features), np.concatenate(positions), failed
 
@@ -61,17 +68,21 @@ class IndexUpdate:
     removed: int
     unreadable: list[str]
     left_out: list[str]
+    non_finite: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        """The lines `search.py index` prints: the counts, then the skipped files (the first SHOWN of each kind)."""
+        """The lines `search.py index` prints: the counts, then the skipped files (the first SHOWN of each kind).
+        Printable whatever the file names (shown_name: bytes that are not UTF-8 as \\xNN)."""
         lines = [f"{self.location}: {self.indexed} images of {self.image_root} (encoded {self.encoded} new or changed, "
                  f"reused {self.reused}, removed {self.removed} no longer there)"]
         for what, names in (("unreadable image(s) skipped (a fixed file is encoded on the next run)", self.unreadable),
+                            ("image(s) the model gave non-finite features (NaN or inf) skipped (tried again on the next "
+                             "run; with --amp fp16, try --amp bf16 or off)", self.non_finite),
                             (f"link(s) left out (they lead outside {self.image_root} or nowhere)", self.left_out)):
             if names:
                 lines.append(f"{len(names)} {what}:\n  " + "\n  ".join(names[:SHOWN])
                              + (f"\n  ... and {len(names) - SHOWN} more" if len(names) > SHOWN else ""))
-        return "\n".join(lines)
+        return shown_name("\n".join(lines))
 
 
 def update_index(checkpoint: str | os.PathLike, image_root: str | os.PathLike, location: str | os.PathLike,
@@ -101,4 +112,5 @@ def update_index(checkpoint: str | os.PathLike, image_root: str | os.PathLike, l
     write_index(location, root, identity, kept, features.shape[1], gather_rows(parts, part, row))
     return IndexUpdate(location, root, indexed=len(kept), encoded=len(new_row), reused=int((part == 0).sum()),
                        removed=len({image.path for image in old_row} - {image.path for image in images}),
-                       unreadable=[f"{todo[p].path}: {why}" for p, why in failed], left_out=left_out)
+                       unreadable=[f"{todo[p].path}: {why}" for p, why in failed if why != NON_FINITE],
+                       left_out=left_out, non_finite=[todo[p].path for p, why in failed if why == NON_FINITE])

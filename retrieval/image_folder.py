@@ -1,7 +1,17 @@
-"""A user's folder of photos: find the images under it, and load them for encoding without failing on bad ones."""
+r"""A user's folder of photos: find the images under it, and load them for encoding without failing on bad ones.
+
+File names are bytes on Linux and need not be UTF-8 (b"caf\xe9.jpg" from an old Latin-1 system). Python spells such
+a name with its surrogateescape code points ("caf\udce9.jpg"), which every os and open call turns back into the
+same bytes, so such an image is indexed, ranked and served like any other. Where a name becomes text for people or
+other programs, it is written so that nothing fails to encode: `shown_name` for tables and pages (the bytes that
+are not UTF-8 as \xNN), `json_text` for JSON (those code points as \udcNN escapes, which Python's json.loads reads
+back and os.fsencode turns into the bytes).
+"""
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +30,29 @@ class ImageFile:
     path: str
     size: int
     mtime_ns: int
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def shown_name(name: str | os.PathLike) -> str:
+    """A file name as printable text: bytes that are not UTF-8 written as \\xNN (\\udcNN for a code point no file
+    name has); every other name unchanged."""
+    text = os.fspath(name)
+    if not _SURROGATE.search(text):
+        return text
+    try:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file system name decodes to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def json_text(value, **options) -> str:
+    """json.dumps(value, ensure_ascii=False, **options), but with lone surrogates (file names that are not UTF-8)
+    written as \\uXXXX escapes, so the text encodes as UTF-8 and json.loads gives the same strings back."""
+    text = json.dumps(value, ensure_ascii=False, **options)
+    # A lone surrogate can only stand inside a JSON string, where its \\u escape means the same character.
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def inside(path: Path, root: Path) -> bool:

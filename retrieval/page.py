@@ -1,11 +1,16 @@
 """The HTML of `search.py serve`: a search box and, for a query, a grid of ranked thumbnails (no JavaScript).
 
-Every piece of user or file-system text goes through html.escape (and urllib.parse.quote inside URLs).
+Every piece of user or file-system text goes through html.escape (and urllib.parse.quote inside URLs). A file
+name that is not UTF-8 is shown with its odd bytes as \\xNN and linked by its exact bytes (%XX), which the
+server decodes back to the same name.
 """
 from __future__ import annotations
 
 import html
+import os
 from urllib.parse import quote
+
+from retrieval.image_folder import shown_name
 
 MAX_QUERY_CHARS = 1000
 MAX_K = 100
@@ -34,13 +39,14 @@ ol.grid img { display: block; width: 100%; height: 220px; object-fit: contain; b
 
 def image_url(path: str) -> str:
     """URL under which the server returns an indexed image (path relative to the image folder)."""
-    return IMAGE_ROUTE + quote(path, safe="/")
+    return IMAGE_ROUTE + quote(os.fsencode(path), safe="/")  # the name's bytes, whatever its encoding
 
 
 def render_page(about: str, query: str = "", k: int = DEFAULT_K, hits=(), message: str = "",
                 error: bool = False) -> str:
     """The whole page: the form (keeping the query), a line about the index, a message, the ranked grid."""
-    esc = html.escape
+    def esc(text: str) -> str:
+        return html.escape(shown_name(text))
     title = f"{query} - CFine search" if query else "CFine search"
     parts = [
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',

@@ -1,12 +1,14 @@
-"""Sentences -> ranked images of a search index: the index's checkpoint encodes the text, ranking.top_k ranks.
+r"""Sentences -> ranked images of a search index: the index's checkpoint encodes the text, ranking.top_k ranks.
 
 The query side is test.py's: `model.tokenize` (over-long text is truncated with a warning), `encode_texts`,
 the concatenated retrieval feature in fp32; the gallery side is the index's stored fp16 features. The results
-are written as `search.py query` shows them: a table, JSON lines, or PNG pages.
+are written as `search.py query` shows them: a table, JSON lines, or PNG pages. Opening the index verifies it
+(retrieval/index.py read_index: its manifest's fields and its features' SHA256). A file name that is not UTF-8
+is shown in the table with its odd bytes as \xNN and written in JSON with Python's surrogateescape code points
+as \udcNN escapes (json.loads, then os.fsencode, gives its bytes back).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 from evaluation.visualize import ranking_page
 from models.cfine import CFine, retrieval_features
 from models.checkpoint import load_model
+from retrieval.image_folder import json_text, shown_name
 from retrieval.index import FEATURE, SearchIndex, SearchIndexError, read_index
 from retrieval.ranking import top_k
 from utils.files import sha256_file
@@ -73,15 +76,14 @@ def load_text_search(location: str | os.PathLike, device: torch.device,
 
 def hits_json(sentence: str, hits: list[Hit], image_root: Path) -> str:
     """One JSON line: the sentence and its ranked images (rank, score, relative path, file)."""
-    return json.dumps({"query": sentence, "results": [
-        {"rank": h.rank, "score": h.score, "path": h.path, "file": str(image_root / h.path)} for h in hits]},
-        ensure_ascii=False)
+    return json_text({"query": sentence, "results": [
+        {"rank": h.rank, "score": h.score, "path": h.path, "file": str(image_root / h.path)} for h in hits]})
 
 
 def hits_table(sentence: str, hits: list[Hit], image_root: Path, total: int) -> str:
     """A sentence's ranked images as a table (rank, score, path), headed by what was searched."""
-    return "\n".join([f"{sentence!r}: top {len(hits)} of {total} images in {image_root}",
-                      f"{'rank':>6s} {'score':>7s}  image", *(f"{h.rank:6d} {h.score:7.4f}  {h.path}" for h in hits)])
+    return shown_name("\n".join([f"{sentence!r}: top {len(hits)} of {total} images in {image_root}", f"{'rank':>6s} "
+                                 f"{'score':>7s}  image", *(f"{h.rank:6d} {h.score:7.4f}  {h.path}" for h in hits)]))
 
 
 def page_paths(page: str | os.PathLike, count: int) -> list[Path]:
@@ -96,6 +98,6 @@ def write_pages(page: str | os.PathLike, sentences: list[str], results: list[lis
     paths = page_paths(page, len(results))
     for sentence, hits, out in zip(sentences, results, paths):
         ranking_page(sentence, [str(image_root / h.path) for h in hits], None, out,
-                     title=f"top {len(hits)} of {total} images in {image_root}",
+                     title=shown_name(f"top {len(hits)} of {total} images in {image_root}"),
                      labels=[f"{h.rank}: {h.score:.3f}" for h in hits])
     return paths

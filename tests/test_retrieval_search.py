@@ -2,6 +2,9 @@
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +19,17 @@ from datasets.transforms import ResizeToUint8
 from evaluation.encode import encode_split
 from models.cfine import retrieval_features
 from models.checkpoint import load_model, save_checkpoint
+from retrieval import build_index
 from retrieval import index as search_index
+from retrieval.build_index import IndexUpdate
 from retrieval.image_folder import ImageFiles, scan_image_folder
 from retrieval.index import SearchIndexError, gather_rows, open_for_update, read_index, write_index
 from retrieval.ranking import top_k
+from retrieval.text_search import load_text_search
+from tests.conftest import REPO
 from tests.tolerance import assert_close
 from utils.errors import run_main
+from utils.files import sha256_file
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -293,3 +301,348 @@ def test_bert_mode_checkpoint_indexes_and_answers(processed_root, test_split_pho
                       "--device", "cpu") == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert len(lines) == 1 and len(lines[0]["results"]) == 3
+
+
+# --- nothing lost, never a traceback (issue 20) ----------------------------------------------------------------------
+
+IDENTITY = {"path": "ck.pt", "sha256": "ab" * 32}
+
+
+def small_index(tmp_path: Path, rows: int = 3) -> tuple[Path, Path, list]:
+    """An index of `rows` tiny images written by write_index (no model): (index folder, photo folder, images)."""
+    photos, index = tmp_path / "photos", tmp_path / "index"
+    photos.mkdir()
+    for i in range(rows):
+        Image.new("RGB", (4, 8), (i, 0, 0)).save(photos / f"{i}.png")
+    images, _ = scan_image_folder(photos)
+    write_index(index, photos, IDENTITY, images, 6, [np.arange(rows * 6, dtype=np.float16).reshape(rows, 6) / 32])
+    return index, photos, images
+
+
+def index_files(index: Path) -> list[str]:
+    return sorted(p.name for p in index.iterdir())
+
+
+def committed_files(index: Path) -> list[str]:
+    return sorted([json.loads((index / "manifest.json").read_text())["features"], "manifest.json"])
+
+
+# What a first `search.py index` killed at each point leaves in its --out folder (atomic_write's temporary files are
+# .<name>.<8 random characters>.tmp).
+FIRST_RUN_LEFTOVERS = {
+    "killed writing the features": [".features-0123456789ab.npy.k1ll3d_0.tmp"],
+    "killed after the features": ["features-0123456789ab.npy"],
+    "killed writing the manifest": ["features-0123456789ab.npy", ".manifest.json.k1ll3d_0.tmp"],
+    "killed twice": ["features-0123456789ab.npy", "features-ba9876543210.npy", ".features-ba9876543210.npy.abcdefgh.tmp"],
+}
+
+
+@pytest.mark.parametrize("left", FIRST_RUN_LEFTOVERS.values(), ids=FIRST_RUN_LEFTOVERS.keys())
+def test_what_a_killed_first_index_leaves_is_completed_by_the_next_run(tmp_path, left):
+    photos, index = tmp_path / "photos", tmp_path / "index"
+    photos.mkdir()
+    Image.new("RGB", (4, 8)).save(photos / "a.png")
+    images, _ = scan_image_folder(photos)
+    index.mkdir()
+    for name in left:
+        (index / name).write_bytes(b"\x93NUMPY left by a kill")
+    with pytest.raises(SearchIndexError, match="interrupted `search.py index`.*run it again"):
+        read_index(index)  # query/serve say what happened
+    assert open_for_update(index, photos, IDENTITY) is None  # index treats it as a new index
+    write_index(index, photos, IDENTITY, images, 6, [np.ones((1, 6), np.float16)])
+    assert read_index(index).images == images
+    assert index_files(index) == committed_files(index)  # the leftovers are gone
+
+
+@pytest.mark.parametrize("names", [["features-0123456789ab.npy", "notes.txt"], ["features-mine.npy"],
+                                   ["features-0123456789ab.npy.bak"]])
+def test_a_folder_with_anything_else_is_still_not_taken_over(tmp_path, names):
+    photos, index = tmp_path / "photos", tmp_path / "index"
+    photos.mkdir()
+    index.mkdir()
+    for name in names:
+        (index / name).write_bytes(b"mine")
+    with pytest.raises(SearchIndexError, match="not a search index.*another --out"):
+        open_for_update(index, photos, IDENTITY)
+    assert index_files(index) == sorted(names)
+
+
+def test_a_link_named_like_a_leftover_is_not_taken_over(tmp_path):
+    photos, index = tmp_path / "photos", tmp_path / "index"
+    photos.mkdir()
+    index.mkdir()
+    (tmp_path / "precious.npy").write_bytes(b"mine")
+    os.symlink(tmp_path / "precious.npy", index / "features-0123456789ab.npy")
+    with pytest.raises(SearchIndexError, match="not a search index"):
+        open_for_update(index, photos, IDENTITY)
+    assert (tmp_path / "precious.npy").read_bytes() == b"mine"
+
+
+# Runs `python search.py ARGS...` with retrieval.index's atomic_write wrapped so that the process SIGKILLs itself at
+# POINT: "features" (half-way through writing the features file), "between" (features renamed into place, manifest
+# not started) or "manifest" (half-way through writing the manifest).
+KILLED_RUN = """
+import os, runpy, signal, sys
+from retrieval import index
+
+point, real = sys.argv[1], index.atomic_write
+
+def die(f):
+    f.write(b"\\x93NUMPY partial")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def atomic_write(path, write):
+    if point == "between" and path.name == "manifest.json":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if (point == "features" and path.name.startswith("features-")) or (point == "manifest" and path.name == "manifest.json"):
+        write = die
+    return real(path, write)
+
+index.atomic_write = atomic_write
+sys.argv = ["search.py", *sys.argv[2:]]
+runpy.run_path("search.py", run_name="__main__")
+"""
+
+
+def killed_index_run(point: str, checkpoint, photos, index) -> list[str]:
+    """Run `search.py index` in a subprocess that SIGKILLs itself at point; the names it left in index."""
+    argv = ["index", "--checkpoint", checkpoint, "--images", photos, "--out", index, "--device", "cpu", "--workers", "0",
+            "--no_progress"]
+    result = subprocess.run([sys.executable, "-c", KILLED_RUN, point, *map(str, argv)], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    return index_files(index)
+
+
+@pytest.mark.parametrize("point", ["features", "between", "manifest"])
+def test_search_py_index_killed_by_sigkill_then_run_again_completes(point, tiny_checkpoint, test_split_photos, tmp_path,
+                                                                   capsys):
+    index = tmp_path / "index"
+    left = killed_index_run(point, tiny_checkpoint, test_split_photos, index)
+    assert left and "manifest.json" not in left
+    assert build(tiny_checkpoint, test_split_photos, index) == 0
+    assert "12 images" in capsys.readouterr().out
+    assert len(read_index(index).images) == 12 and index_files(index) == committed_files(index)
+
+
+def test_a_killed_update_leaves_the_old_index_and_the_next_run_removes_its_files(tiny_checkpoint, test_split_photos,
+                                                                                 tmp_path, capsys):
+    photos, index = tmp_path / "photos", tmp_path / "index"
+    shutil.copytree(test_split_photos, photos)
+    assert build(tiny_checkpoint, photos, index) == 0
+    before = read_index(index)
+    shutil.copy(photos / before.images[0].path, photos / "new.png")
+    left = killed_index_run("manifest", tiny_checkpoint, photos, index)
+    assert len(left) == 4 and set(committed_files(index)) < set(left)  # a new features file and a manifest temp file
+    assert read_index(index).images == before.images  # still the old index, usable
+    assert build(tiny_checkpoint, photos, index) == 0
+    assert "13 images" in capsys.readouterr().out and index_files(index) == committed_files(index)
+
+
+NOT_UTF8 = b"caf\xe9 \xff.png"  # Latin-1 bytes: a valid Linux file name, but not UTF-8
+
+
+def test_a_file_name_that_is_not_utf8_is_indexed_and_found(tiny_checkpoint, test_split_photos, tmp_path, capsys):
+    photos, index = tmp_path / "photos", tmp_path / "index"
+    shutil.copytree(test_split_photos, photos)
+    odd = os.fsdecode(NOT_UTF8)  # how Python spells it: the bytes that are not UTF-8 as surrogates
+    shutil.copy(photos / scan_image_folder(photos)[0][0].path, os.path.join(os.fsencode(photos), NOT_UTF8))
+    assert build(tiny_checkpoint, photos, index) == 0
+    assert "13 images" in capsys.readouterr().out
+    (index / "manifest.json").read_bytes().decode("utf-8")  # the manifest stays UTF-8 text
+    assert odd in [image.path for image in read_index(index).images]
+    assert build(tiny_checkpoint, photos, index) == 0
+    assert "encoded 0 new or changed, reused 13" in capsys.readouterr().out  # the name read back is the same name
+    assert run_search("query", "--index", index, "--device", "cpu", "--top_k", "13", "--json", "someone") == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    found = [r for r in results if r["path"] == odd]
+    assert len(found) == 1 and os.fsencode(found[0]["path"]) == NOT_UTF8 and os.path.isfile(found[0]["file"])
+    assert run_search("query", "--index", index, "--device", "cpu", "--top_k", "13", "someone") == 0
+    assert "caf\\xe9 \\xff.png" in capsys.readouterr().out  # the table shows the bytes that are not UTF-8 as \xNN
+
+
+def test_an_unreadable_or_not_utf8_name_in_the_summary_is_printable(tmp_path):
+    update = IndexUpdate(tmp_path, tmp_path, 0, 0, 0, 0, [os.fsdecode(b"\xff.jpg") + ": broken"], [os.fsdecode(b"\xfe.png")])
+    summary = update.summary()
+    summary.encode("utf-8")
+    assert "\\xff.jpg: broken" in summary and "\\xfe.png" in summary
+
+
+def _edit(change):
+    def edit(manifest: dict) -> str:
+        change(manifest)
+        return json.dumps(manifest)
+    return edit
+
+
+def _set(*keys_and_value):
+    *keys, value = keys_and_value
+
+    def change(manifest):
+        target = manifest
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+    return _edit(change)
+
+
+MANIFEST_DAMAGE = {
+    "not JSON": lambda m: "{broken",
+    "not UTF-8": lambda m: b"\xff\xfe{}",
+    "deeply nested": lambda m: "[" * 100_000 + "]" * 100_000,
+    "a list": lambda m: "[]",
+    "no images": _edit(lambda m: m.pop("images")),
+    "images not a list": _set("images", 5),
+    "an image row too short": _set("images", 0, ["0.png", 1]),
+    "a path not text": _set("images", 0, 0, 7),
+    "a path with a lone surrogate": _set("images", 0, 0, "\ud800.png"),
+    "a size not a number": _set("images", 0, 1, "x"),
+    "a size that is a bool": _set("images", 0, 1, True),
+    "an mtime that is a float": _set("images", 0, 2, 1.5),
+    "a path twice": _edit(lambda m: m["images"].__setitem__(1, m["images"][0])),
+    "count differs": _set("count", 5),
+    "dim not a number": _set("dim", "six"),
+    "dim differs": _set("dim", 7),
+    "checkpoint not an object": _set("checkpoint", "ck.pt"),
+    "checkpoint without sha256": _set("checkpoint", {"path": "ck.pt"}),
+    "checkpoint path not text": _set("checkpoint", "path", 3),
+    "image_root not text": _set("image_root", 3),
+    "features not text": _set("features", 3),
+    "features elsewhere": _set("features", "../features-0123456789ab.npy"),
+    "features missing": _set("features", "features-000000000000.npy"),
+    "checksum not text": _set("features_sha256", 3),
+    "checksum missing": _edit(lambda m: m.pop("features_sha256")),
+    "another format": _set("format", "something-else"),
+}
+
+
+@pytest.mark.parametrize("damage", MANIFEST_DAMAGE.values(), ids=MANIFEST_DAMAGE.keys())
+def test_a_damaged_manifest_is_a_one_line_error_naming_the_index(tmp_path, damage):
+    index, photos, _ = small_index(tmp_path)
+    text = damage(json.loads((index / "manifest.json").read_text()))
+    (index / "manifest.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    for read in (lambda: read_index(index), lambda: open_for_update(index, photos, IDENTITY)):
+        with pytest.raises(SearchIndexError) as caught:
+            read()
+        message = str(caught.value)
+        assert str(index) in message and "rebuild" in message and "\n" not in message, message
+
+
+def _damage_features(edit):
+    def damage(path: Path):
+        data = bytearray(path.read_bytes())
+        edit(data, len(data) - 3 * 6 * 2)  # the data's offset: 3 rows x 6 fp16 values after the header
+        path.write_bytes(bytes(data))
+    return damage
+
+
+def _put_value(value):
+    return _damage_features(lambda data, start: data.__setitem__(slice(start + 8, start + 10),
+                                                                 np.array([value], "<f2").tobytes()))
+
+
+FEATURES_DAMAGE = {
+    "a NaN": _put_value(np.nan),
+    "an infinity": _put_value(-np.inf),
+    "a flipped bit": _damage_features(lambda data, start: data.__setitem__(start + 5, data[start + 5] ^ 1)),
+    "truncated": lambda path: path.write_bytes(path.read_bytes()[:-7]),
+    "empty": lambda path: path.write_bytes(b""),
+    "float32": lambda path: np.save(path, np.zeros((3, 6), np.float32)),
+    "another shape": lambda path: np.save(path, np.zeros((2, 6), np.float16)),
+}
+
+
+@pytest.mark.parametrize("damage", FEATURES_DAMAGE.values(), ids=FEATURES_DAMAGE.keys())
+def test_damaged_features_are_a_one_line_error_naming_the_file(tmp_path, damage):
+    index, photos, _ = small_index(tmp_path)
+    features = index / json.loads((index / "manifest.json").read_text())["features"]
+    damage(features)
+    for read in (lambda: read_index(index), lambda: open_for_update(index, photos, IDENTITY)):
+        with pytest.raises(SearchIndexError) as caught:
+            read()
+        message = str(caught.value)
+        assert str(index) in message and "rebuild" in message and "\n" not in message, message
+
+
+def test_the_features_checksum_is_recorded_and_a_mismatch_names_the_file(tiny_checkpoint, test_split_photos, tmp_path,
+                                                                         capsys):
+    index = tmp_path / "index"
+    assert build(tiny_checkpoint, test_split_photos, index) == 0
+    manifest = json.loads((index / "manifest.json").read_text())
+    features = index / manifest["features"]
+    assert manifest["features_sha256"] == sha256_file(features)
+    with open(features, "r+b") as f:  # one bit of the last value
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0x01]))
+    for argv in (["query", "--index", index, "--device", "cpu", "someone"],
+                 ["index", "--checkpoint", tiny_checkpoint, "--images", test_split_photos, "--out", index, "--device",
+                  "cpu", "--workers", "0", "--no_progress"]):
+        capsys.readouterr()
+        assert run_main(search.main, search.get_args_parser().parse_args([str(a) for a in argv])) == 1
+        error = capsys.readouterr().err
+        assert f"{features} does not match the SHA256 recorded in {index / 'manifest.json'}" in error
+        assert "rebuild" in error and error.count("\n") == 1
+    with pytest.raises(SearchIndexError, match="does not match the SHA256"):
+        load_text_search(index, torch.device("cpu"))
+
+
+def test_an_index_without_a_checksum_is_upgraded_by_index_and_refused_by_query(tmp_path):
+    index, photos, images = small_index(tmp_path)
+    manifest = json.loads((index / "manifest.json").read_text())
+    manifest["format"] = "cfine-search-index-v1"  # written before the checksum existed
+    del manifest["features_sha256"]
+    (index / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SearchIndexError, match="older search.py.*no checksum.*search.py index"):
+        read_index(index)
+    old = open_for_update(index, photos, IDENTITY)
+    write_index(index, photos, IDENTITY, images, 6, [old.features])
+    assert np.array_equal(read_index(index).features, old.features)
+
+
+def test_non_finite_features_are_never_written(tmp_path):
+    index, photos, images = small_index(tmp_path)
+    before = index_files(index)
+    bad = np.ones((3, 6), np.float16)
+    bad[1, 2] = np.nan
+    with pytest.raises(SearchIndexError, match="non-finite"):
+        write_index(index, photos, IDENTITY, images, 6, [bad])
+    assert index_files(index) == before and read_index(index).images == images
+
+
+def test_images_the_model_gives_non_finite_features_are_skipped_and_listed(tiny_checkpoint, test_split_photos,
+                                                                          tmp_path, monkeypatch):
+    real = build_index.retrieval_features
+
+    def first_row_nan(encoded, mode):
+        features = real(encoded, mode)
+        features[0, 0] = float("nan")
+        return features
+
+    monkeypatch.setattr(build_index, "retrieval_features", first_row_nan)
+    update = build_index.update_index(tiny_checkpoint, test_split_photos, tmp_path / "index", torch.device("cpu"),
+                                      workers=0, progress=False)
+    assert update.indexed == 11 and len(update.non_finite) == 1
+    assert "1 image(s) the model gave non-finite features" in update.summary()
+    assert np.isfinite(read_index(tmp_path / "index").features).all()
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["serve", "--index", "x", "--port", "99999"], "argument --port: 99999 is not allowed; port takes an integer from 0 "
+                                                   "to 65535"),
+    (["serve", "--index", "x", "--port", "²"], "argument --port: invalid literal for int()"),
+    (["index", "--checkpoint", "c", "--images", "i", "--workers", "-1"], "argument --workers: -1 is not allowed; workers "
+                                                                         "takes an integer >= 0"),
+    (["query", "--index", "x", "s", "--device", "mps"], 'argument --device: "mps" is not allowed; device takes cpu, '
+                                                        "cuda or cuda:N"),
+    (["query", "--index", "x", "s", "--top_k", "9" * 4401], "argument --top_k: Exceeds the limit"),
+    (["query", "--index", "x", "s", "--threads", "0"], "argument --threads: 0 is not allowed"),
+])
+def test_bad_flags_are_one_line_argparse_errors(argv, error, capsys):
+    with pytest.raises(SystemExit) as stop:
+        search.get_args_parser().parse_args(argv)
+    lines = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2 and error in lines[-1] and lines[-1].count("error:") == 1
+    assert not any("Traceback" in line for line in lines) and lines[0].startswith("usage:")
