@@ -82,3 +82,21 @@ def test_licence_and_citation_agree_with_the_readme():
     doi = re.search(r'doi: "([^"]+)"', citation)[1]
     assert "cff-version: 1.2.0" in citation and doi in (REPO / "README.md").read_text(encoding="utf-8")
     assert (REPO / "clip" / "BPE_LICENSE.txt").is_file()
+
+
+def test_every_test_the_docs_name_exists():
+    # A promise's evidence is a test by name ("`test_x.py::test_y`", later "`::test_z`" of the same file): a renamed or
+    # deleted test must not leave the documentation citing nothing.
+    cited, missing = 0, []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for line in doc.read_text(encoding="utf-8").splitlines():
+            current = None
+            for file, name in re.findall(r"`(test_\w+\.py)?(?:::)?(test_\w+)?(?:\[[^\]`]*\])?`", line):
+                current = file or current
+                if file and not (REPO / "tests" / file).is_file():
+                    missing.append(f"{doc.name}: tests/{file}")
+                elif name and current:
+                    cited += 1
+                    if f"def {name}(" not in (REPO / "tests" / current).read_text(encoding="utf-8"):
+                        missing.append(f"{doc.name}: {current}::{name}")
+    assert cited > 50 and not missing, missing

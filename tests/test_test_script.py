@@ -17,7 +17,7 @@ from utils.errors import CFineError
 pytestmark = pytest.mark.usefixtures("module_single_thread")
 
 
-def test_test_py_checks_the_data_but_evaluates_amoved_copy(processed_root, tiny_checkpoint, tmp_path):
+def test_test_py_checks_the_data_but_evaluates_a_moved_copy(processed_root, tiny_checkpoint, tmp_path):
     other = moved_copy(processed_root, tmp_path / "x", lambda m: m["splits"]["test"].update(images=1))
     args = evaluate_script.get_args_parser().parse_args(
         ["--checkpoint", str(tiny_checkpoint), "--data_root", str(other), "--workers", "0", "--no_progress",

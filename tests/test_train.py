@@ -277,7 +277,7 @@ def test_stale_temporary_files_are_removed_when_a_run_starts(straight, tmp_path)
 # ---------------------------------------------------------------- the run's data
 
 
-def test_resume_checks_the_data_and_accepts_amoved_copy(processed_root, straight, tmp_path):
+def test_resume_checks_the_data_and_accepts_a_moved_copy(processed_root, straight, tmp_path):
     moved = moved_copy(processed_root, tmp_path)
     args = train.parse_args(["--resume", str(straight / "last.pt"), "--data_root", str(moved)])
     settings, state = run_settings(args)
