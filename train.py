@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from engine import settings as settings_table
@@ -40,13 +39,12 @@ import torch
 
 from engine import run_log
 from engine.control import StopRequest, TrainingStopped, seed_everything
-from engine.data import TrainData, build_data, check_resumed_data
+from engine.data import build_data, check_resumed_data
 from engine.loop import evaluate, train_one_epoch
 from engine.model_setup import run_model, run_tokenizer
 from engine.run_files import claim_output_dir, save_files, start_output
 from engine.run_state import RunState, make_checkpoint, restore_run, run_settings
 from engine.step_guard import StepGuard, TrainingDiverged
-from models.cfine import CFine
 from models.gather import convert_to_global_bn
 from models.optim import build_optimizer
 from models.precision import compiled, resolve_amp
@@ -54,52 +52,11 @@ from utils import distributed
 from utils.errors import CFineError
 
 
-@dataclass
-class Prepared:
-    """A run that passed every check of its start: precision, data, model, optimiser, restored state."""
-
-    amp: str
-    data: TrainData
-    model: CFine
-    step_model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    scaler: torch.amp.GradScaler
-    run: RunState
-    guard: StepGuard
-
-
-def prepare(settings: argparse.Namespace, resumed: dict | None, info: distributed.DistInfo,
-            device: torch.device) -> Prepared:
-    """Everything that can fail at a run's start, writing nothing: precision, seeds, data, model, optimiser, the
-    resumed state, and (--tensorboard) the package its logs need."""
-    amp = resolve_amp(settings.amp, device)
-    seed_everything(settings.seed)
-    data = build_data(settings, info, run_tokenizer(settings, resumed), resumed)
-    model = run_model(settings, resumed, data.loader.dataset.num_classes).to(device)
-    if settings.sync_bn:
-        convert_to_global_bn(model)
-    model.head.gather_features = settings.gather_features
-    optimizer, scheduler = build_optimizer(
-        model, lr_head=settings.lr_head, lr_image=settings.lr_image, lr_text=settings.lr_text,
-        wd_image=settings.wd_image, warmup_epochs=settings.warmup_epochs, warmup_start=settings.warmup_start,
-        milestones=tuple(settings.milestones), gamma=settings.gamma)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    run = restore_run(resumed, model, optimizer, scheduler, scaler, settings, info) if resumed else RunState()
-    guard = StepGuard(model, settings.max_nonfinite, run.skipped_steps, run.nonfinite_in_a_row)
-    # The step runs the DDP wrapper, compiled as a whole (DDP's graph splitting at bucket boundaries keeps the
-    # gradient all-reduce overlapped with backward); checkpoints and evaluation use the plain module.
-    step_model = compiled(distributed.wrap_ddp(model, device), settings.compile)
-    if settings.tensorboard and info.is_main:
-        run_log.summary_writer_class()
-    return Prepared(amp, data, model, step_model, optimizer, scheduler, scaler, run, guard)
-
-
 def main(args: argparse.Namespace) -> int:
     """Train; rank 0's console is copied to <output_dir>/train.log, and --tensorboard writes <output_dir>/tb/.
 
     Nothing is written into the output folder (an --overwrite deletes nothing) until the run has passed every check
-    of its start (prepare): a start that fails leaves the folder as it was (a folder it made is removed again), so
+    of its start: a start that fails leaves the folder as it was (a folder it made is removed again), so
     the same command with the problem fixed runs. The lines printed meanwhile reach train.log once it starts.
     """
     settings, resumed = run_settings(args)  # the run's settings: the flags', or with --resume the checkpoint's
@@ -116,16 +73,34 @@ def main(args: argparse.Namespace) -> int:
         console = closing.enter_context(run_log.ConsoleCopy()) if info.is_main else None
         if console:
             console.hold()  # until train.log starts below
+        # Everything that can fail at the start, writing nothing: the folder's check, precision, seeds, data,
+        # model, optimiser, the resumed state, and (--tensorboard) the package its logs need.
         try:
             claim_output_dir(settings, info)
-            ready = prepare(settings, resumed, info, device)
+            amp = resolve_amp(settings.amp, device)
+            seed_everything(settings.seed)
+            data = build_data(settings, info, run_tokenizer(settings, resumed), resumed)
+            model = run_model(settings, resumed, data.loader.dataset.num_classes).to(device)
+            if settings.sync_bn:
+                convert_to_global_bn(model)
+            model.head.gather_features = settings.gather_features
+            optimizer, scheduler = build_optimizer(
+                model, lr_head=settings.lr_head, lr_image=settings.lr_image, lr_text=settings.lr_text,
+                wd_image=settings.wd_image, warmup_epochs=settings.warmup_epochs, warmup_start=settings.warmup_start,
+                milestones=tuple(settings.milestones), gamma=settings.gamma)
+            scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+            run = restore_run(resumed, model, optimizer, scheduler, scaler, settings, info) if resumed else RunState()
+            guard = StepGuard(model, settings.max_nonfinite, run.skipped_steps, run.nonfinite_in_a_row)
+            # The step runs the DDP wrapper, compiled as a whole (DDP's graph splitting at bucket boundaries keeps
+            # the gradient all-reduce overlapped with backward); checkpoints and evaluation use the plain module.
+            step_model = compiled(distributed.wrap_ddp(model, device), settings.compile)
+            if settings.tensorboard and info.is_main:
+                run_log.summary_writer_class()
         except BaseException:
             if made_folder:
                 with contextlib.suppress(OSError):
                     output_dir.rmdir()  # made by claim_output_dir's check, and still empty
             raise
-        amp, data, model, step_model = ready.amp, ready.data, ready.model, ready.step_model
-        optimizer, scheduler, scaler, run, guard = ready.optimizer, ready.scheduler, ready.scaler, ready.run, ready.guard
         progress = info.is_main and not settings.no_progress
 
         board = None
