@@ -47,7 +47,7 @@ from engine.run_state import RunState, make_checkpoint, restore_run, run_setting
 from engine.step_guard import StepGuard, TrainingDiverged
 from models.gather import convert_to_global_bn
 from models.optim import build_optimizer
-from models.precision import compiled, resolve_amp
+from models.precision import compiled, resolve_amp, use_tf32
 from utils import distributed
 from utils.errors import CFineError
 
@@ -78,6 +78,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             claim_output_dir(settings, info)
             amp = resolve_amp(settings.amp, device)
+            use_tf32(settings.tf32)
             seed_everything(settings.seed)
             data = build_data(settings, info, run_tokenizer(settings, resumed), resumed)
             model = run_model(settings, resumed, data.loader.dataset.num_classes).to(device)

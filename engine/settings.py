@@ -119,6 +119,7 @@ class Setting:
 
 
 _LOSS = "CFine loss weights (defaults: the authors'; for ablations and the from-scratch demo)"
+_ABLATION = "CFine ablations (defaults: the paper's model; configs/ablations/)"
 _DDP = "several processes (torchrun); no effect in a single process"
 
 # The defaults are the authors' CUHK-PEDES recipe (docs/method.md §6).
@@ -162,6 +163,14 @@ TRAIN_SETTINGS = (
     Setting("diversity_weight", 0.2, float, minimum=0, group=_LOSS, loss_weight=True),
     Setting("ranking_weight", 10.0, float, minimum=0, group=_LOSS, loss_weight=True),
     Setting("margin", 0.2, float, minimum=0, group=_LOSS),
+    Setting("mgf", "on", choices=("on", "off"), group=_ABLATION,
+            help="off: no MGF block and no local-global features; retrieval, CMPM and CMPC use the global feature "
+                 "alone and the diversity loss is off"),
+    Setting("cfr", "on", choices=("on", "off"), group=_ABLATION,
+            help="off: the ranking loss's similarity S loses CFR's sim_cs"),
+    Setting("fcd", "on", choices=("on", "off"), group=_ABLATION,
+            help="off: the ranking loss's similarity S loses FCD's sim_cd (with --cfr off too, --ranking_weight "
+                 "must be 0)"),
     Setting("gather_features", False, bool, group=_DDP,
             help="CMPM and the ranking loss (with its CFR/FCD similarities) see the global batch through a "
                  "gradient-preserving all-gather; default: each process uses its own batch"),
@@ -173,6 +182,9 @@ TRAIN_SETTINGS = (
                  "the losses still see the whole batch, so loss and gradients are unchanged (bert mode: other "
                  "dropout masks); each chunk is encoded twice, so steps take longer (default: off, the whole batch "
                  "at once, as is a chunk size equal to the batch)"),
+    Setting("tf32", "off", choices=("on", "off"),
+            help="CUDA float32 matrix products as TF32 (the authors' fp32 run was one: on in the *_paper.json "
+                 "configs); no effect on CPU"),
     Setting("amp", "auto", choices=AMP_MODES,
             help="auto: bf16 on GPUs that support it, fp16 (with a GradScaler) on older GPUs, off on CPU"),
     Setting("compile", "off", choices=COMPILE_BACKENDS, role=KEPT,

@@ -16,7 +16,7 @@ from utils import distributed
 
 @dataclass
 class EncodedSplit:
-    """BN features (N, 3, D) of every gallery image and every query caption of one split, in dataset order."""
+    """Features (N, n, D) (CFine: its BN features, n = 3) of every gallery image and every query caption of one split, in dataset order."""
 
     gallery: torch.Tensor
     queries: torch.Tensor
@@ -37,7 +37,7 @@ def encode_split(model, data, device: torch.device, amp: str = "off", batch_size
     model.eval()
     encode_images, encode_texts = compiled(model.encode_images, compile), compiled(model.encode_texts, compile)
     loader = _gallery_shard(data)
-    empty = torch.zeros(0, 3, model.config.width, device=device)  # for a rank left without a batch
+    empty = torch.zeros(0, *model.feature_shape, device=device)  # for a rank left without a batch
     gallery = [empty]
     for batch in tqdm(loader, desc=f"encode {data.split} gallery", disable=not progress, leave=False):
         with autocast(device, amp):

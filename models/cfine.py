@@ -50,6 +50,11 @@ class CFine(nn.Module):
         self.head = CFineHead(config)
 
     @property
+    def feature_shape(self) -> tuple[int, int]:
+        """(n, D) of each image's and caption's BN features: n = 3 ([global, lg1, lg2])."""
+        return 3, self.config.width
+
+    @property
     def text_module(self) -> nn.Module:
         """The module holding the text encoder's weights (for 'clip', CLIP's own module)."""
         return getattr(self, self.text_encoder.attribute)

@@ -45,6 +45,14 @@ def autocast(device: torch.device, mode: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.float16 if mode == "fp16" else torch.bfloat16, enabled=mode != "off")
 
 
+def use_tf32(mode: str) -> None:
+    """--tf32 on|off: whether CUDA runs float32 matrix products and convolutions as TF32 (Ampere and newer GPUs;
+    PyTorch 1.7's default, under which the authors' fp32 run was a TF32 run: docs/faithfulness.md). No effect on CPU."""
+    enabled = {"on": True, "off": False}[mode]
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def compiled(fn, backend: str = "off"):
     """torch.compile(fn) with that backend ('inductor', 'aot_eager'); fn itself for 'off'."""
     return fn if backend == "off" else torch.compile(fn, backend=backend)

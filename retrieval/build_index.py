@@ -38,7 +38,7 @@ def encode_files(model, paths: list[Path], mean_std: str, device: torch.device, 
     transform = ResizeToUint8(tuple(model.config.clip.vision.image_size))  # as test.py: uint8, normalised on the device
     loader = DataLoader(ImageFiles([str(p) for p in paths], transform), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=collate_readable, pin_memory=device.type == "cuda")
-    dim = 3 * model.config.width  # [global, lg1, lg2], each D wide (512 CLIP text, 768 bert mode)
+    dim = model.feature_shape[0] * model.feature_shape[1]  # [global, lg1, lg2], each D wide (512 CLIP text, 768 bert mode)
     features, positions, failed = [np.empty((0, dim), np.float16)], [np.empty(0, np.int64)], []
     with tqdm(total=len(paths), desc="encode images", unit="img", disable=not progress) as bar:
         for batch in loader:

@@ -15,7 +15,7 @@ NAMES = {"config", "dataset", "data_root", "clip", "clip_arch", "output_dir", "i
          "cmpm_weights", "cmpc_weights", "diversity_weight", "ranking_weight", "margin", "gather_features", "sync_bn",
          "amp", "device", "workers", "seed", "eval_every", "eval_batch_size", "eval_at_start", "resume",
          "max_nonfinite", "no_progress", "overwrite", "text_encoder", "bert", "compile", "select_on", "tensorboard",
-         "log_every", "chunk_size"}
+         "log_every", "chunk_size", "mgf", "cfr", "fcd", "tf32"}
 
 
 def parse_error(argv, capsys):
