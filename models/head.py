@@ -16,8 +16,9 @@ from .config import CFineConfig
 from .gather import gather_batch
 from .mgf import ResidualCrossAttentionBlock, local_global_features, mgf_heads
 from .objectives import LOSS_TERMS, LossInputs
-from .selection import Selection, image_candidates, select_tokens, text_candidates, text_padding_mask
+from .selection import Selection, image_candidates, select_tokens, text_padding_mask
 from .similarity import cross_grained_similarity, fine_grained_similarity
+from .text_encoders import text_encoder_class
 
 
 @dataclass
@@ -57,15 +58,17 @@ class CFineHead(nn.Module):
         self.image_bn = make_bottleneck(width)
         self.text_bn = make_bottleneck(width)
         self.classifier = CMPCClassifier(width, config.num_classes)
+        self.text_encoder = text_encoder_class(config.text_encoder)  # a class: which text tokens MGF may select
         # train.py --gather_features: CMPM and the ranking loss see the global batch of all DDP ranks.
         self.gather_features = False
 
     def _branch(self, feats: TokenFeatures, bn: nn.BatchNorm1d, is_text: bool) -> Branch:
         tokens = feats.tokens
         batch, length, _ = tokens.shape
+        scores = feats.global_attention
         if is_text:
-            # CLIP: SOT (0) and EOT excluded; BERT: [CLS] (0) excluded, [SEP] and [PAD] stay candidates (docs/method.md §9).
-            candidates = text_candidates(feats.global_index, length)
+            # The text encoder's rule: CLIP excludes SOT (0) and EOT; BERT keeps every position, [CLS] at score 0.
+            candidates, scores = self.text_encoder.candidates(feats)
             padding = feats.padding_mask
             if padding is None:
                 padding = text_padding_mask(feats.global_index, length)
@@ -75,7 +78,7 @@ class CFineHead(nn.Module):
             padding = None
             k = int(length * self.config.image_ratio)
         global_token = tokens[torch.arange(batch, device=tokens.device), feats.global_index]
-        selection = select_tokens(tokens, feats.global_attention, k, candidates)
+        selection = select_tokens(tokens, scores, k, candidates)
         groups = (selection.group1, selection.group2)
         local_global = local_global_features(self.mgf, global_token, groups, tokens, padding)
         features = apply_bottleneck(bn, torch.cat([global_token.unsqueeze(1), local_global], dim=1))

@@ -25,6 +25,16 @@ def text_candidates(global_index: torch.Tensor, length: int) -> torch.Tensor:
     return (positions != 0) & (positions != global_index.unsqueeze(1))
 
 
+def global_zero_candidates(scores: torch.Tensor, global_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """docs/method.md §9 BERT-text candidates, as the authors' release: every position, the global token's ([CLS]'s)
+    score multiplied by 0 rather than removed. (candidate mask (B, L) bool, scores (B, L)): [CLS] then ties with the
+    zero-score [PAD]s (and, in training, tokens that attention dropout zeroed), and the stable sort ranks it first
+    among them (by position; the authors' order among ties was CUDA topk's, unspecified)."""
+    positions = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0)
+    is_global = positions == global_index.unsqueeze(1)
+    return torch.ones_like(is_global), scores.masked_fill(is_global, 0.0)
+
+
 def text_padding_mask(global_index: torch.Tensor, length: int) -> torch.Tensor:
     """Key padding mask for cross-attention over text: True at positions after EOT, (B, L) bool."""
     positions = torch.arange(length, device=global_index.device).unsqueeze(0)

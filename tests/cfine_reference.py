@@ -99,10 +99,12 @@ def modality(feats: TokenFeatures, ratio: float, is_text: bool, mgf, bn):
     globals_, group1, selected, rows = [], [], [], [[], [], []]
     for b in range(batch):
         g = int(feats.global_index[b])
+        scores = feats.global_attention[b]
         if is_text and feats.padding_mask is not None and g == 0:
-            # docs/method.md §9 (BERT): every position but [CLS] is a candidate, [SEP] and [PAD] included; the
-            # cross-attention ignores the [PAD] keys.
-            candidates = [n for n in range(1, length)]
+            # docs/method.md §9 (BERT): every position is a candidate, [CLS]'s score multiplied by 0 (so it ties with
+            # the [PAD]s, and ranks first among them by position); the cross-attention ignores the [PAD] keys.
+            candidates = list(range(length))
+            scores = scores * torch.tensor([0.0] + [1.0] * (length - 1))
             ignored = {n for n in range(length) if bool(feats.padding_mask[b, n])}
         elif is_text:
             candidates = [n for n in range(length) if n != 0 and n != g]
@@ -111,7 +113,7 @@ def modality(feats: TokenFeatures, ratio: float, is_text: bool, mgf, bn):
             candidates = [n for n in range(length) if n != 0]
             ignored = set()
         tokens = feats.tokens[b]
-        first, second, chosen, _ = select(tokens, feats.global_attention[b], k, candidates)
+        first, second, chosen, _ = select(tokens, scores, k, candidates)
         global_token = tokens[g]
         rows[0].append(global_token)
         for slot, group in ((1, first), (2, second)):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from clip.model import CLIP, CLIPConfig, TokenFeatures
+from models.selection import global_zero_candidates
 
 if TYPE_CHECKING:
     from models.config import CFineConfig
@@ -82,6 +83,12 @@ class TextEncoder:
     def encode(cls, module: nn.Module, ids: torch.Tensor) -> TokenFeatures:
         """Token ids (B, L) -> tokens (B, L, D), the global token's attention row (B, L), its index (B,), padding."""
         raise NotImplementedError
+
+    @classmethod
+    def candidates(cls, text: TokenFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """MGF's text candidates (B, L) bool and the scores they are ranked by (B, L), docs/method.md §2. Default,
+        the authors' BERT (§9): every position, the global token's score multiplied by 0 (it stays a candidate)."""
+        return global_zero_candidates(text.global_attention, text.global_index)
 
     @classmethod
     def parameters(cls, module: nn.Module) -> Iterator[nn.Parameter]:

@@ -10,6 +10,7 @@ from torch import nn
 
 from clip.model import CLIP, CLIPConfig, TokenFeatures
 from clip.tokenizer import CONTEXT_LENGTH, default_tokenizer
+from models.selection import text_candidates
 
 from .base import TextEncoder
 
@@ -72,6 +73,11 @@ class ClipTextEncoder(TextEncoder):
     def encode(cls, module: CLIP, ids: torch.Tensor) -> TokenFeatures:
         """CLIP's text tokens in the joint space, the EOT token's attention row, EOT's index, the positions after it."""
         return module.encode_text_tokens(ids)
+
+    @classmethod
+    def candidates(cls, text: TokenFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """docs/method.md §2 CLIP-text candidates: every position but SOT (an attention sink) and the EOT global token."""
+        return text_candidates(text.global_index, text.tokens.shape[1]), text.global_attention
 
     @classmethod
     def parameters(cls, module: CLIP) -> Iterator[nn.Parameter]:
