@@ -11,12 +11,18 @@ from utils.errors import DataError
 
 @dataclass(frozen=True)
 class Record:
-    """One annotated image: split, person id, image path relative to `imgs/`, captions."""
+    """One annotated image: split, person id, image path relative to `imgs/`, captions.
+
+    Parsed, `captions` are the annotation's strings; cleaned (datasets/validate.py), they are data.sh's cleaned text
+    and `raw_captions` the annotation's string of each, which bert mode tokenises (docs/faithfulness.md). Records are
+    compared without the raw strings: two records equal once cleaned are exact duplicates.
+    """
 
     split: str
     pid: int
     image: str
     captions: tuple[str, ...]
+    raw_captions: tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Loaders over processed_data/<NAME>: training (image, caption, pid) pairs; evaluation gallery and queries.
 
-Captions are tokenised once, when a dataset is built. Training randomness is reproducible by design:
+Captions are tokenised once, when a dataset is built: data.sh's cleaned text, or the annotation's own strings for a
+tokeniser that asks for them (bert mode's, `raw_captions`). Training randomness is reproducible by design:
 the shuffle order is a function of (seed, epoch) (`EpochSampler`) and the horizontal flip of sample i is
 a function of (seed, epoch, i); the sampler passes the epoch along with each index, so worker count and
 worker restarts never change a batch. Call `loader.sampler.set_epoch(epoch)` before each epoch
@@ -21,7 +22,7 @@ from datasets.images import usable_cpus
 from datasets.processed import SplitRecords, available_splits, load_split
 from datasets.sampler import EpochSampler
 from datasets.transforms import ResizeToUint8, check_mean_std, load_rgb
-from models.tokenization import CaptionTokenizer, clip_token_ids
+from models.tokenization import CaptionTokenizer, clip_token_ids, reads_raw_captions
 
 __all__ = ["EvalData", "available_splits", "build_eval_data", "build_train_loader"]
 
@@ -59,7 +60,7 @@ class TrainPairs(Dataset):
         image_of_pair = [i for i, r in enumerate(records) for _ in r["captions"]]
         self.pair_image = torch.tensor(image_of_pair, dtype=torch.long)
         self.pids = torch.tensor([self.pid_map[records[i]["pid"]] for i in image_of_pair], dtype=torch.long)
-        self.tokens = tokenizer([c for r in records for c in r["captions"]])
+        self.tokens = tokenizer(split.caption_texts(raw=reads_raw_captions(tokenizer)))
         self.transform, self.seed, self.epoch = transform, seed, 0
         self.mean_std = check_mean_std(mean_std)  # for to_model_input on the device
 
@@ -101,7 +102,7 @@ class EvalData:
     gallery_paths: list[str]  # absolute, for visualisation
     query_tokens: torch.Tensor  # (Q, L) long: 77 CLIP ids, or 100 BERT ids
     query_pids: torch.Tensor  # (Q,) long
-    query_captions: list[str]
+    query_captions: list[str]  # data.sh's cleaned text (what ranking pages show), whatever the tokeniser read
     # This process's share of the gallery under torchrun (evaluation.encode), made once so its workers persist.
     gallery_shard: DataLoader | None = field(default=None, repr=False)
 
@@ -149,9 +150,10 @@ def build_eval_data(processed_dir: Path, split: str, *, image_size: tuple[int, i
     records = data.records
     paths = [str(data.image_root / r["image"]) for r in records]
     gallery_pids = torch.tensor([r["pid"] for r in records], dtype=torch.long)
-    captions = [c for r in records for c in r["captions"]]
+    captions = data.caption_texts()  # shown on ranking pages; the tokeniser reads its own choice of text
+    tokens = tokenizer(data.caption_texts(raw=reads_raw_captions(tokenizer)))
     query_pids = torch.tensor([r["pid"] for r in records for _ in r["captions"]], dtype=torch.long)
     gallery = GalleryImages(paths, gallery_pids, ResizeToUint8(image_size))
     loader = DataLoader(gallery, batch_size=batch_size, shuffle=False, drop_last=False,
                         **_loader_kwargs(workers, pin_memory, persistent=True))
-    return EvalData(split, check_mean_std(mean_std), loader, gallery_pids, paths, tokenizer(captions), query_pids, captions)
+    return EvalData(split, check_mean_std(mean_std), loader, gallery_pids, paths, tokens, query_pids, captions)

@@ -6,6 +6,7 @@ best.pt on the held-out ones. The chosen ids are recorded in the run folder and 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from typing import Iterable
@@ -32,4 +33,4 @@ def split_off(split: SplitRecords, held_out: Iterable[int]) -> tuple[SplitRecord
     held = set(held_out)
     train = [r for r in split.records if r["pid"] not in held]
     val = [r for r in split.records if r["pid"] in held]
-    return SplitRecords(split.name, split.image_root, train), SplitRecords("val", split.image_root, val)
+    return dataclasses.replace(split, records=train), dataclasses.replace(split, name="val", records=val)

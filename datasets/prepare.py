@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import BENCHMARKS, PARSERS
-from datasets.base import DataError, Parsed
+from datasets.base import DataError, Parsed, Record
 from datasets.images import ImageReport, check_images, usable_cpus
 from datasets.validate import RecordReport, clean_records, describe_indices
 from utils.errors import run_main
 from utils.files import remove_stale, restore_moved_aside, sha256_file, write_atomically
 
-FORMAT_VERSION = 1
+# 2: a record whose captions cleaning changed keeps the annotation's strings beside them (`raw_captions`, for bert
+# mode); 1 (earlier data.sh runs) kept the cleaned captions alone. datasets/processed.py reads both.
+FORMAT_VERSION = 2
 SPLIT_ORDER = ("train", "val", "test")
 
 
@@ -81,13 +83,23 @@ def _encode_records(records: list[dict]) -> bytes:
     return ("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n").encode("utf-8")
 
 
+def processed_record(record: Record) -> dict:
+    """A split file's record: pid, image, cleaned captions and, only where cleaning changed one, the annotation's
+    string of every caption (`raw_captions`, in the same order)."""
+    row = {"pid": record.pid, "image": record.image, "captions": list(record.captions)}
+    if record.raw_captions and record.raw_captions != record.captions:
+        row["raw_captions"] = list(record.raw_captions)
+    return row
+
+
 def _notes(parsed: Parsed, report: RecordReport, images: ImageReport) -> list[str]:
     """What preparation repaired, dropped or converted, one sentence each."""
     notes = []
     if parsed.string_ids:
         notes.append(f"{parsed.string_ids} id(s) were strings of digits and were read as integers.")
     if report.changed_captions:
-        notes.append(f"{report.changed_captions} caption(s) had HTML entities or stray whitespace cleaned.")
+        notes.append(f"{report.changed_captions} caption(s) had HTML entities or stray whitespace cleaned (their "
+                     "annotation strings are kept beside them for bert mode).")
     if report.empty_captions:
         notes.append(f"dropped {len(report.empty_captions)} empty or whitespace-only caption(s) "
                      f"(in records {describe_indices(sorted(set(report.empty_captions)))}).")
@@ -150,7 +162,7 @@ def prepare(dataset_dir: Path, name: str, out: Path, *, workers: int | None, ski
 
     counts, outputs = {}, {}
     for split in SPLIT_ORDER:
-        rows = [{"pid": r.pid, "image": r.image, "captions": list(r.captions)} for r in records if r.split == split]
+        rows = [processed_record(r) for r in records if r.split == split]
         if not rows:
             continue
         content = _encode_records(rows)

@@ -10,15 +10,35 @@ from datasets.base import ID_LIMIT, DataError
 
 SPLIT_ORDER = ("train", "val", "test")
 RERUN = "run `bash data.sh <dataset_root> <NAME>` to (re)create it"
+RAW_CAPTIONS_FORMAT = 2  # the first data.sh format (meta.json's format_version) keeping the annotation's captions
 
 
 @dataclass(frozen=True)
 class SplitRecords:
-    """One processed split: absolute image root plus records {"pid", "image", "captions"}."""
+    """One processed split: absolute image root plus records {"pid", "image", "captions"[, "raw_captions"]}.
+
+    raw_kept: its records keep the annotation's string of every caption that cleaning changed (data.sh's format 2
+    on); folder: the processed dataset it was read from (for messages).
+    """
 
     name: str
     image_root: Path
     records: list[dict]
+    raw_kept: bool = False
+    folder: Path | None = None
+
+    def caption_texts(self, raw: bool = False) -> list[str]:
+        """Every caption in record order: data.sh's cleaned text, or (raw) the string the annotation file holds, which
+        bert mode tokenises as the authors did (docs/faithfulness.md); raw from an older data.sh's output is refused."""
+        if not raw:
+            return [c for r in self.records for c in r["captions"]]
+        if not self.raw_kept:
+            where = self.folder or f"the '{self.name}' split"
+            name = self.folder.name if self.folder else "<NAME>"
+            raise DataError(f"{where} was written by an older data.sh, which kept only the cleaned captions (HTML "
+                            "unescaped, whitespace collapsed), but bert mode tokenises each caption as the annotation "
+                            f"file holds it: re-run `bash data.sh <dataset_root> {name}` (clip mode reads both)")
+        return [c for r in self.records for c in r.get("raw_captions", r["captions"])]
 
 
 def load_meta(processed_dir: Path) -> dict:
@@ -74,15 +94,26 @@ def load_split(processed_dir: Path, split: str) -> SplitRecords:
     if not isinstance(records, list) or not records:
         raise DataError(f"{path} should be a non-empty JSON list of records: {RERUN}.")
     for i, r in enumerate(records):
-        ok = (isinstance(r, dict) and type(r.get("pid")) is int and abs(r["pid"]) < ID_LIMIT
-              and isinstance(r.get("image"), str) and "\x00" not in r["image"]
-              and isinstance(r.get("captions"), list) and r["captions"]
-              and all(isinstance(c, str) and c for c in r["captions"]))
-        if not ok:
+        if not _is_processed_record(r):
             raise DataError(f"{path}: record {i} is not {{'pid': 64-bit int, 'image': str, 'captions': [non-empty str, "
-                            "...]}}"
+                            "...]}} (and, where present, 'raw_captions': as many non-empty str)"
                             f" (got {str(r)[:120]}): {RERUN}.")
-    return SplitRecords(split, Path(meta["image_root"]), records)
+    version = meta.get("format_version")
+    raw_kept = type(version) is int and version >= RAW_CAPTIONS_FORMAT
+    return SplitRecords(split, Path(meta["image_root"]), records, raw_kept, processed_dir)
+
+
+def _is_text_list(value, length: int | None = None) -> bool:
+    """A non-empty list of non-empty strings (of `length` items, when given)."""
+    return (isinstance(value, list) and bool(value) and all(isinstance(c, str) and c for c in value)
+            and (length is None or len(value) == length))
+
+
+def _is_processed_record(r) -> bool:
+    """Whether r has a split file's form: pid, image, captions and, optionally, one raw string per caption."""
+    return (isinstance(r, dict) and type(r.get("pid")) is int and abs(r["pid"]) < ID_LIMIT
+            and isinstance(r.get("image"), str) and "\x00" not in r["image"] and _is_text_list(r.get("captions"))
+            and ("raw_captions" not in r or _is_text_list(r["raw_captions"], len(r["captions"]))))
 
 
 def data_identity(processed_dir: Path) -> dict:

@@ -28,20 +28,22 @@ class RecordReport:
 
 
 def clean_records(records: list[Record]) -> tuple[list[Record], RecordReport]:
-    """Clean captions, drop empty ones and exact duplicate records; conflicting duplicates are errors."""
+    """Clean captions (each kept one's raw string beside it), drop empty ones and exact duplicate records (equal once
+    cleaned: the first is kept); conflicting duplicates are errors."""
     report = RecordReport()
     kept: list[Record] = []
     first_seen: dict[str, tuple[int, Record]] = {}
     for index, record in enumerate(records):
-        captions = []
+        captions, raw = [], []
         for caption in record.captions:
             cleaned = clean_caption(caption)
             report.changed_captions += bool(cleaned) and cleaned != caption
-            if cleaned:
+            if cleaned:  # kept or dropped on its cleaned text; a kept caption's raw string stays as the file has it
                 captions.append(cleaned)
+                raw.append(caption)
             else:
                 report.empty_captions.append(index)
-        record = Record(record.split, record.pid, record.image, tuple(captions))
+        record = Record(record.split, record.pid, record.image, tuple(captions), tuple(raw))
         if record.image in first_seen:
             first_index, first = first_seen[record.image]
             if first == record:

@@ -17,13 +17,19 @@ from .text_encoders.clip import ClipCaptionTokenizer, clip_token_ids
 if TYPE_CHECKING:
     from .config import CFineConfig
 
-__all__ = ["CaptionTokenizer", "ClipCaptionTokenizer", "caption_tokenizer", "clip_token_ids", "warn_if_truncated"]
+__all__ = ["CaptionTokenizer", "ClipCaptionTokenizer", "caption_tokenizer", "clip_token_ids", "reads_raw_captions",
+           "warn_if_truncated"]
 
 
 class CaptionTokenizer(Protocol):
-    """Captions -> (N, max_length) long ids for one text encoder; token_counts says how many ids each needs."""
+    """Captions -> (N, max_length) long ids for one text encoder; token_counts says how many ids each needs.
+
+    raw_captions: whether it reads each caption as the annotation file holds it (bert mode, as the authors did)
+    rather than data.sh's cleaned text (datasets/processed.py SplitRecords.caption_texts); False when not set.
+    """
 
     max_length: int
+    raw_captions: bool
 
     def __call__(self, captions: Sequence[str]) -> torch.Tensor: ...
 
@@ -33,6 +39,11 @@ class CaptionTokenizer(Protocol):
 def caption_tokenizer(config: CFineConfig, vocab_text: str | None = None) -> CaptionTokenizer:
     """The tokeniser of config's text encoder; vocab_text: the vocabulary a bert-mode checkpoint carries."""
     return text_encoder_class(config.text_encoder).tokenizer(vars(config), vocab_text)
+
+
+def reads_raw_captions(tokenizer: CaptionTokenizer) -> bool:
+    """Whether tokenizer wants the annotation's caption strings (its `raw_captions`; a tokenizer without one: no)."""
+    return bool(getattr(tokenizer, "raw_captions", False))
 
 
 def warn_if_truncated(captions: Sequence[str], lengths: Sequence[int], limit: int) -> None:

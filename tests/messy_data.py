@@ -1,10 +1,10 @@
 """Test helper: a generated dataset with the real benchmarks' real-world mess added to a copy of it.
 
 Benign mess (data.sh must accept and repair or report it): grayscale, palette, RGBA and CMYK images,
-mixed .jpg/.png, a tiny crop, HTML entities, non-ASCII punctuation, doubled spaces and trailing
-newlines, an over-long caption, string ids, an empty caption, a record whose only captions are blank,
-an exact duplicate record. Fatal mess (data.sh must stop, unless --skip_bad_images): a missing image
-and a truncated JPEG.
+mixed .jpg/.png, a tiny crop, HTML entities, non-ASCII punctuation, doubled spaces, tabs and newlines
+inside and trailing (in a training and a test caption), an over-long caption, string ids, an empty
+caption, a record whose only captions are blank, an exact duplicate record. Fatal mess (data.sh must
+stop, unless --skip_bad_images): a missing image and a truncated JPEG.
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ class Mess:
     annotation: Path
     image_key: str
     modes: dict[str, str] = field(default_factory=dict)  # PIL mode -> image path relative to imgs/
-    html_record: int = -1
+    html_record: int = -1  # its first caption holds the entities and odd whitespace (train split)
+    html_test_record: int = -1  # the same kind of mess in a test record's first caption
     long_record: int = -1
     string_id_records: list[int] = field(default_factory=list)
     empty_caption_record: int = -1
@@ -90,8 +91,10 @@ def make_messy_copy(src: Path, dst: Path, *, bad_images: bool = True, annotation
     mess.tiny_image = _resave(dst, records[train[4]], key, "RGB", ".png", size=(6, 12))
 
     mess.html_record = train[5]
-    records[train[5]]["captions"][0] = ("The woman&#39;s  coat is &quot;red&quot; &amp; "
-                                        "long\u2014really \u201clong\u201d.\n\n")
+    records[train[5]]["captions"][0] = ("The woman&#39;s  coat is &quot;red&quot; &amp;\t"
+                                        "long\u2014really\n\u201clong\u201d.\n\n")
+    mess.html_test_record = test[3]
+    records[test[3]]["captions"][0] = "  A man&#39;s bag &amp;\tcoat:\n\nblack  &lt;and&gt; grey.\n"
     mess.long_record = train[6]
     records[train[6]]["captions"][0] += LONG_TAIL
     mess.empty_caption_record = train[7]

@@ -33,7 +33,13 @@ def pad_ids(rows: Sequence[Sequence[int]], max_length: int) -> torch.Tensor:
 
 
 class BertCaptionTokenizer:
-    """Captions -> (N, max_length) ids by the authors' rule, from a vocab.txt's text (so it travels in checkpoints)."""
+    """Captions -> (N, max_length) ids by the authors' rule, from a vocab.txt's text (so it travels in checkpoints).
+
+    It reads each caption as the annotation file holds it (raw_captions): the authors gave BERT the strings of
+    reid_raw.json, HTML entities and odd whitespace included, not data.sh's cleaned text (docs/faithfulness.md).
+    """
+
+    raw_captions = True
 
     def __init__(self, vocab_text: str, lower_case: bool = True, max_length: int = 100):
         problem = vocabulary_problem(vocab_text)  # a --bert folder's is checked on reading; this guards the rest

@@ -22,6 +22,7 @@ class ClipCaptionTokenizer:
     """CLIP BPE ids (N, 77): SOT, BPE, EOT, zero padding; an over-long caption is cut with EOT kept last."""
 
     max_length = CONTEXT_LENGTH
+    raw_captions = False  # data.sh's cleaned captions, as before (CLIP's tokenizer cleans them again anyway)
 
     def __call__(self, captions: Sequence[str]) -> torch.Tensor:
         return default_tokenizer().tokenize(list(captions), context_length=CONTEXT_LENGTH, truncate=True)
