@@ -16,7 +16,8 @@ from utils import distributed
 
 @dataclass
 class EncodedSplit:
-    """Features (N, n, D) (CFine: its BN features, n = 3) of every gallery image and every query caption of one split, in dataset order."""
+    """Features (N, n, D) of every gallery image and every query caption of one split, in dataset order (CFine:
+    its BN features, n = 3; zero-shot CLIP: its pooled embedding, n = 1)."""
 
     gallery: torch.Tensor
     queries: torch.Tensor
@@ -83,12 +84,17 @@ def score_split(encoded: EncodedSplit) -> dict[str, dict[str, float]]:
     return results
 
 
-def format_table(results: dict[str, dict[str, float]]) -> str:
-    """A fixed-width table of R@1/5/10, mAP and mINP for each row of score_split's result."""
-    names = {"t2i": "text->image [global+lg1+lg2]", "t2i_global": "text->image [global only]",
-             "i2t": "image->text [global+lg1+lg2]", "i2t_global": "image->text [global only]"}
+def format_table(results: dict[str, dict[str, float]], single_feature: str | None = None) -> str:
+    """A fixed-width table of R@1/5/10, mAP and mINP for each row of score_split's result.
+
+    single_feature: the name of a model's one retrieval feature (zero-shot CLIP's pooled embedding), whose 't2i' and
+    'i2t' rows are shown alone under that name (its '_global' rows hold the same numbers).
+    """
+    feature = single_feature or "global+lg1+lg2"
+    names = {"t2i": f"text->image [{feature}]", "t2i_global": "text->image [global only]",
+             "i2t": f"image->text [{feature}]", "i2t_global": "image->text [global only]"}
     lines = [f"{'direction / feature':32s} {'R@1':>7s} {'R@5':>7s} {'R@10':>7s} {'mAP':>7s} {'mINP':>7s}"]
-    for key in ("t2i", "t2i_global", "i2t", "i2t_global"):
+    for key in ("t2i", "i2t") if single_feature else ("t2i", "t2i_global", "i2t", "i2t_global"):
         if key in results:
             m = results[key]
             lines.append(f"{names[key]:32s} {m['R1']:7.2f} {m['R5']:7.2f} {m['R10']:7.2f} {m['mAP']:7.2f} {m['mINP']:7.2f}")
