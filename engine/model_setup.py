@@ -8,7 +8,7 @@ import argparse
 import clip
 from engine import settings as settings_table
 from models.cfine import CFine
-from models.config import CFineConfig
+from models.config import ABLATION_SWITCHES, CFineConfig
 from models.text_encoders import TextEncoder, text_encoder_class
 from models.tokenization import CaptionTokenizer, caption_tokenizer
 from utils.errors import CheckpointError, SettingError
@@ -17,7 +17,7 @@ from utils.errors import CheckpointError, SettingError
 def build_model(settings: argparse.Namespace, num_classes: int) -> CFine:
     """CFine with pretrained CLIP weights (--clip NAME|PATH) or random ones (--clip none), the --text_encoder's image
     tower and pretrained text weights (bert: the image tower alone, unprojected, and BERT from --bert; docs/method.md
-    §9), and every loss-weight setting."""
+    §9), every loss-weight setting and the ablation switches."""
     encoder = text_encoder_class(settings.text_encoder)
     image_size = tuple(settings.image_size)
     pretrained = None
@@ -35,7 +35,8 @@ def build_model(settings: argparse.Namespace, num_classes: int) -> CFine:
     text = encoder.load_source(source)
     try:
         config = CFineConfig(clip=encoder.image_tower(clip_config), text_encoder=encoder.name, num_classes=num_classes,
-                             loss_weights=loss_weights(settings), margin=settings.margin, **text.fields)
+                             loss_weights=loss_weights(settings), margin=settings.margin, **switches(settings),
+                             **text.fields)
     except ValueError as error:  # the text encoder's weights do not pair with this image tower
         named = f"--{encoder.source_setting} {source}" if encoder.source_setting else f"--text_encoder {encoder.name}"
         raise SettingError(f"{named}: {error}") from None
@@ -50,6 +51,11 @@ def build_model(settings: argparse.Namespace, num_classes: int) -> CFine:
 def loss_weights(settings: argparse.Namespace) -> dict:
     """Every loss-weight setting's value by its name (models/objectives.py: each names a loss term's weight)."""
     return {s.name: getattr(settings, s.name) for s in settings_table.LOSS_WEIGHTS}
+
+
+def switches(settings: argparse.Namespace) -> dict[str, bool]:
+    """The ablation switches --mgf/--cfr/--fcd ("on"/"off") as CFineConfig's booleans (docs/method.md, ablation switches)."""
+    return {name: getattr(settings, name) == "on" for name in ABLATION_SWITCHES}
 
 
 def text_source(settings: argparse.Namespace, encoder: type[TextEncoder]) -> str | None:

@@ -316,8 +316,11 @@ def patch_size(clip: str, clip_arch: str) -> int | None:
 
 
 def check_new_run(values: dict[str, Any]) -> None:
-    """Rules between settings of a new run: each setting that another's value needs (bert mode: --bert), an image
-    size the patches tile, a --clip that exists."""
+    """Rules between settings of a new run: a similarity S for a weighted ranking loss, each setting that another's
+    value needs (bert mode: --bert), an image size the patches tile, a --clip that exists."""
+    if values["cfr"] == values["fcd"] == "off" and values["ranking_weight"] > 0:
+        raise SettingError(f"--cfr off with --fcd off leaves the ranking loss no similarity S, but --ranking_weight is "
+                           f"{values['ranking_weight']:g}: give --ranking_weight 0 (or turn one of them on)")
     for s in TRAIN_SETTINGS:
         if s.needed_by and values[s.needed_by[0]] == s.needed_by[1] and not values[s.name]:
             key, value = s.needed_by

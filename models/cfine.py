@@ -19,7 +19,10 @@ from .tokenization import CaptionTokenizer, warn_if_truncated
 
 
 def retrieval_features(features: torch.Tensor, mode: str = "concat") -> torch.Tensor:
-    """docs/method.md §7: L2-normalised [global, lg1, lg2] concatenation (B, 3D), or the global feature alone (B, D)."""
+    """docs/method.md §7: L2-normalised [global, lg1, lg2] concatenation (B, 3D), or the global feature alone (B, D).
+
+    With mgf off the features are [global] (B, 1, D): both modes give the global feature, D wide.
+    """
     if mode == "concat":
         return F.normalize(features.flatten(1), dim=-1)
     if mode == "global":
@@ -51,8 +54,8 @@ class CFine(nn.Module):
 
     @property
     def feature_shape(self) -> tuple[int, int]:
-        """(n, D) of each image's and caption's BN features: n = 3 ([global, lg1, lg2])."""
-        return 3, self.config.width
+        """(n, D) of each image's and caption's BN features: n = 3 ([global, lg1, lg2]), 1 with mgf off ([global])."""
+        return self.config.num_features, self.config.width
 
     @property
     def text_module(self) -> nn.Module:
@@ -110,7 +113,7 @@ class CFine(nn.Module):
     def forward(self, images: torch.Tensor | TokenFeatures, tokens: torch.Tensor | TokenFeatures,
                 pids: torch.Tensor | None = None,
                 stage: str = "all") -> CFineOutput | tuple[TokenFeatures, TokenFeatures]:
-        """Features (B, 3, D) per modality; in training mode with pids also the total loss and its parts.
+        """Features (B, n, D) per modality (n: feature_shape); in training mode with pids also the total loss and its parts.
 
         Gradient caching (engine/grad_cache.py) runs the two halves apart, through this same forward so that DDP
         and torch.compile see them: stage 'encoders' returns the (image, text) TokenFeatures of images and token
@@ -126,9 +129,9 @@ class CFine(nn.Module):
         return self.head(*encoded, pids)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Gallery side of docs/method.md §7: [BN(global), BN(lg1), BN(lg2)] image features, (B, 3, D)."""
+        """Gallery side of docs/method.md §7: [BN(global), BN(lg1), BN(lg2)] image features, (B, 3, D) (mgf off: (B, 1, D))."""
         return self.head.image_features(self.encode_image_tokens(images))
 
     def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Query side of docs/method.md §7: [BN(global), BN(lg1), BN(lg2)] text features, (B, 3, D)."""
+        """Query side of docs/method.md §7: [BN(global), BN(lg1), BN(lg2)] text features, (B, 3, D) (mgf off: (B, 1, D))."""
         return self.head.text_features(self.encode_text_tokens(tokens))

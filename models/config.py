@@ -36,9 +36,19 @@ class CFineConfig:
     # Each loss term's weight by its name (models/objectives.py LOSS_TERMS); those not given take their defaults.
     loss_weights: dict[str, Any] = field(default_factory=default_loss_weights)
     margin: float = 0.2  # of the ranking loss
+    # Ablation switches (docs/method.md "Ablation switches"); all on is the paper's model.
+    mgf: bool = True  # off: no MGF block; each modality's features are [BN(global)] alone (B, 1, D)
+    cfr: bool = True  # off: the ranking loss's S has no CFR sim_cs
+    fcd: bool = True  # off: the ranking loss's S has no FCD sim_cd
 
     def __post_init__(self):
         self.loss_weights = checked_loss_weights(self.loss_weights)
+        for switch in ABLATION_SWITCHES:
+            if not isinstance(getattr(self, switch), bool):
+                raise ValueError(f"CFine config: {switch} is {getattr(self, switch)!r}; it takes true or false")
+        if not (self.cfr or self.fcd) and self.ranking_weight > 0:
+            raise ValueError(f"cfr and fcd both off leave the ranking loss no similarity S, but ranking_weight is "
+                             f"{self.ranking_weight:g}: set it to 0 (or turn one of them on)")
         text_encoder_class(self.text_encoder).check_config(self)
 
     def __getattr__(self, name: str) -> Any:
@@ -47,6 +57,16 @@ class CFineConfig:
         if name in weights:
             return weights[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def num_features(self) -> int:
+        """n of the (B, n, D) features per modality: 3 ([global, lg1, lg2], docs/method.md §2), 1 with mgf off."""
+        return 3 if self.mgf else 1
+
+    @property
+    def trains_similarity(self) -> bool:
+        """Whether training computes docs/method.md §3-4 S: the ranking loss is weighted and CFR or FCD is on."""
+        return self.ranking_weight > 0 and (self.cfr or self.fcd)
 
     @property
     def width(self) -> int:
@@ -63,7 +83,7 @@ class CFineConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CFineConfig":
-        """Inverse of to_dict; keys missing from an older checkpoint take today's defaults."""
+        """Inverse of to_dict; keys missing from an older checkpoint take today's defaults (the switches: on)."""
         weight_names = set(default_loss_weights())
         known = {f.name for f in fields(cls)} - {"loss_weights"}
         unknown = sorted(set(data) - known - weight_names)
@@ -75,6 +95,9 @@ class CFineConfig:
             values["clip"] = CLIPConfig.from_dict(values["clip"])
         values["loss_weights"] = {key: value for key, value in data.items() if key in weight_names}
         return cls(**values)
+
+
+ABLATION_SWITCHES = ("mgf", "cfr", "fcd")  # the settings of the same names, "on"/"off" there, booleans here
 
 
 def checked_loss_weights(weights: dict[str, Any]) -> dict[str, Any]:

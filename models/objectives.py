@@ -5,7 +5,8 @@ Adding a loss takes two steps:
 1. here, its function and a term registered with `@loss_term(name, weight, default)`: `term(inputs, weight)`
    returns the weighted part from the LossInputs (both modalities' features, identities, the CMPC classifier,
    the similarity S, the config); `name` keys CFineOutput.losses (the training log), `weight` names its weight
-   and `default` is the weight's default;
+   and `default` is the weight's default; `needs=` (optional) says from the config whether the term is computed
+   at all (an ablation switch that removes what it measures: its part is then 0);
 2. in engine/settings.py, a row named like the weight, with that default and `loss_weight=True` (so that
    train.py has the flag and the config-file key; tests/test_engine_settings.py checks that the two agree).
 train.py (engine/model_setup.py) passes every loss-weight setting into CFineConfig.loss_weights; checkpoints store
@@ -105,8 +106,9 @@ def ranking_loss(similarity: torch.Tensor, pids: torch.Tensor, margin: float = 0
 
 
 class LossInputs(NamedTuple):
-    """What the loss terms see: features [global, lg1, lg2] (B, 3, D) of this process's batch and, with
-    gather_features, of the global batch of all DDP ranks (models/gather.py); else the same tensors."""
+    """What the loss terms see: features [global, lg1, lg2] (B, 3, D) ([global] (B, 1, D) with mgf off) of this
+    process's batch and, with gather_features, of the global batch of all DDP ranks (models/gather.py); else the
+    same tensors."""
 
     image: torch.Tensor
     text: torch.Tensor
@@ -116,28 +118,36 @@ class LossInputs(NamedTuple):
     all_text: torch.Tensor
     all_pids: torch.Tensor
     similarity: Callable[[], torch.Tensor]  # docs/method.md §3-4 S on the global batch, computed when a term asks
+    # (only when config.trains_similarity: otherwise the head selected no tokens for it)
     config: CFineConfig
+
+
+def _always(config: CFineConfig) -> bool:
+    return True
 
 
 @dataclass(frozen=True)
 class LossTerm:
-    """One weighted part of the total loss: its name, its weight's name and default, and term(inputs, weight)."""
+    """One weighted part of the total loss: its name, its weight's name and default, term(inputs, weight), and
+    needs(config): whether the term is computed at all (False: its part is 0, nothing computed)."""
 
     name: str
     weight: str
     default: float | tuple[float, ...]
     term: Callable[[LossInputs, Any], torch.Tensor]
+    needs: Callable[[CFineConfig], bool] = _always
 
 
 LOSS_TERMS: dict[str, LossTerm] = {}  # in the order they are summed
 
 
-def loss_term(name: str, weight: str, default: float | tuple[float, ...]) -> Callable:
-    """Register the decorated term(inputs, weight) as a part of CFine's total loss."""
+def loss_term(name: str, weight: str, default: float | tuple[float, ...],
+              needs: Callable[[CFineConfig], bool] = _always) -> Callable:
+    """Register the decorated term(inputs, weight) as a part of CFine's total loss, computed where needs(config)."""
     def register(term: Callable[[LossInputs, Any], torch.Tensor]) -> Callable[[LossInputs, Any], torch.Tensor]:
         if name in LOSS_TERMS or any(t.weight == weight for t in LOSS_TERMS.values()):
             raise ValueError(f"loss term {name!r} or its weight {weight!r} is registered already")
-        LOSS_TERMS[name] = LossTerm(name, weight, default, term)
+        LOSS_TERMS[name] = LossTerm(name, weight, default, term, needs)
         return term
     return register
 
@@ -150,25 +160,30 @@ def default_loss_weights() -> dict[str, float | tuple[float, ...]]:
 # Python-float weights: a weight tensor built per step would be a host-to-device copy every step.
 @loss_term("cmpm", weight="cmpm_weights", default=(1.0, 1.0, 0.1))
 def cmpm_term(inputs: LossInputs, weights: tuple[float, ...]) -> torch.Tensor:
-    """docs/method.md §5: CMPM of the global, lg1 and lg2 features, weighted, on the global batch."""
+    """docs/method.md §5: CMPM of the global, lg1 and lg2 features, weighted, on the global batch (mgf off: of
+    the global feature alone, at the first weight)."""
     all_img, all_txt = inputs.all_image, inputs.all_text
-    return sum(w * cmpm_loss(all_img[:, n], all_txt[:, n], inputs.all_pids) for n, w in enumerate(weights))
+    present = weights[:all_img.shape[1]]
+    return sum(w * cmpm_loss(all_img[:, n], all_txt[:, n], inputs.all_pids) for n, w in enumerate(present))
 
 
 @loss_term("cmpc", weight="cmpc_weights", default=(1.0, 1.0, 1.0))
 def cmpc_term(inputs: LossInputs, weights: tuple[float, ...]) -> torch.Tensor:
-    """docs/method.md §5: CMPC of the global, lg1 and lg2 features, weighted, on this process's batch."""
+    """docs/method.md §5: CMPC of the global, lg1 and lg2 features, weighted, on this process's batch (mgf off: of
+    the global feature alone, at the first weight)."""
     parts = cmpc_loss(inputs.image, inputs.text, inputs.pids, inputs.classifier).unbind()
-    return sum(w * part for w, part in zip(weights, parts))
+    return sum(w * part for w, part in zip(weights, parts))  # zip: as many weights as features
 
 
-@loss_term("diversity", weight="diversity_weight", default=0.2)
+@loss_term("diversity", weight="diversity_weight", default=0.2, needs=lambda config: config.mgf)
 def diversity_term(inputs: LossInputs, weight: float) -> torch.Tensor:
-    """docs/method.md §5: diversity of the lg1 and lg2 features of each modality, weighted."""
+    """docs/method.md §5: diversity of the lg1 and lg2 features of each modality, weighted (mgf off: none to
+    compare, not computed)."""
     return weight * (diversity_loss(inputs.image[:, 1:]) + diversity_loss(inputs.text[:, 1:]))
 
 
-@loss_term("ranking", weight="ranking_weight", default=10.0)
+@loss_term("ranking", weight="ranking_weight", default=10.0, needs=lambda config: config.trains_similarity)
 def ranking_term(inputs: LossInputs, weight: float) -> torch.Tensor:
-    """docs/method.md §5: the ranking loss on S of the global batch (margin: config.margin), weighted."""
+    """docs/method.md §5: the ranking loss on S of the global batch (margin: config.margin), weighted; not computed
+    at weight 0 (nor S, nor, with mgf off, the token selection S needs)."""
     return weight * ranking_loss(inputs.similarity(), inputs.all_pids, inputs.config.margin)

@@ -250,3 +250,32 @@ def test_every_clip_arch_choice_is_a_clip_config_and_its_patch_size_is_the_one_c
         assert config.vision.image_size == (64, 32)
         assert settings.patch_size("none", arch) == CLIPConfig.for_arch(arch).vision.patch_size
     assert CLIPConfig.for_arch("vit_b16") == CLIPConfig.vit_b16() and CLIPConfig.for_arch("tiny") == CLIPConfig.tiny()
+
+
+@pytest.mark.parametrize("where", ["flags", "config"])
+def test_cfr_and_fcd_off_with_a_weighted_ranking_loss_is_one_line_before_any_work(where, tmp_path, capsys):
+    if where == "flags":
+        argv = ["--cfr", "off", "--fcd", "off"]
+    else:
+        (tmp_path / "c.json").write_text(json.dumps({"cfr": "off", "fcd": "off", "ranking_weight": 2}))
+        argv = ["--config", str(tmp_path / "c.json")]
+    line = parse_error(argv, capsys)
+    weight = "10" if where == "flags" else "2"
+    assert line.startswith("train.py: error: --cfr off with --fcd off leaves the ranking loss no similarity S, but "
+                           f"--ranking_weight is {weight}: give --ranking_weight 0 (or turn one of them on)")
+    args = train.parse_args(argv + ["--ranking_weight", "0"])
+    assert (args.cfr, args.fcd, args.ranking_weight) == ("off", "off", 0.0)
+
+
+def test_the_ablation_switches_reach_the_model_and_a_resume_keeps_them(single_thread):
+    config, out = _tiny_run(["--mgf", "off", "--fcd", "off"])
+    assert (config.mgf, config.cfr, config.fcd) == (False, True, False)
+    assert out.image_features.shape[1] == 1 and out.losses["diversity"] == 0 and out.losses["ranking"] != 0
+    config, _ = _tiny_run([])
+    assert (config.mgf, config.cfr, config.fcd) == (True, True, True)
+    saved = settings.as_dict(train.parse_args(["--mgf", "off"]))
+    args = train.parse_args(["--resume", "x.pt"])
+    settings.apply_checkpoint(args, saved, "x.pt")
+    assert args.mgf == "off"
+    with pytest.raises(settings.SettingError, match="--mgf on conflicts with the run being resumed"):
+        settings.apply_checkpoint(train.parse_args(["--resume", "x.pt", "--mgf", "on"]), saved, "x.pt")

@@ -109,3 +109,59 @@ def test_config_round_trips_through_json_and_rebuilds_the_model():
     assert defaults.clip == CLIPConfig.vit_b16()
     with pytest.raises(ValueError, match="unknown keys"):
         CFineConfig.from_dict({"num_classes": 3, "tau": 1.0})
+
+
+SWITCHED = {  # docs/method.md "Ablation switches": one per switch, and the table's baseline row
+    "mgf_off": {"mgf": False},
+    "cfr_off": {"cfr": False},
+    "fcd_off": {"fcd": False},
+    "baseline": {"mgf": False, "cfr": False, "fcd": False,
+                 "loss_weights": {"diversity_weight": 0.0, "ranking_weight": 0.0}},
+}
+
+
+def test_switches_round_trip_and_an_older_config_without_them_loads_as_on():
+    config = CFineConfig(clip=CLIPConfig.tiny(), num_classes=4, mgf=False, fcd=False)
+    stored = json.loads(json.dumps(config.to_dict()))
+    assert (stored["mgf"], stored["cfr"], stored["fcd"]) == (False, True, False)
+    assert CFineConfig.from_dict(stored) == config
+    older = {key: value for key, value in stored.items() if key not in ("mgf", "cfr", "fcd")}
+    restored = CFineConfig.from_dict(older)
+    assert (restored.mgf, restored.cfr, restored.fcd) == (True, True, True)
+
+
+def test_cfr_and_fcd_both_off_refuse_a_weighted_ranking_loss():
+    with pytest.raises(ValueError, match="cfr and fcd both off leave the ranking loss no similarity S, but "
+                                         "ranking_weight is 10: set it to 0"):
+        CFineConfig(clip=CLIPConfig.tiny(), cfr=False, fcd=False)
+    config = CFineConfig(clip=CLIPConfig.tiny(), cfr=False, fcd=False, loss_weights={"ranking_weight": 0.0})
+    assert not config.trains_similarity
+    with pytest.raises(ValueError, match="mgf is 'off'; it takes true or false"):
+        CFineConfig(clip=CLIPConfig.tiny(), mgf="off")
+
+
+@pytest.mark.parametrize("name", sorted(SWITCHED))
+def test_one_training_step_per_switch(name):
+    torch.manual_seed(0)
+    model = CFine(CFineConfig(clip=CLIPConfig.tiny(), num_classes=4, **SWITCHED[name])).train()
+    n = 1 if name in ("mgf_off", "baseline") else 3
+    assert model.feature_shape == (n, 64)
+    assert any(key.startswith("head.mgf.") for key in model.state_dict()) == (n == 3)
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ids, pids = random_caption_ids(8), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    trainable = {key: p for key, p in model.named_parameters() if p.requires_grad}
+    before = {key: p.detach().clone() for key, p in trainable.items()}
+    optimizer = torch.optim.Adam(trainable.values(), lr=1e-3)
+    out = model(images, ids, pids)
+    assert out.image_features.shape == out.text_features.shape == (8, n, 64)
+    assert set(out.losses) == {"cmpm", "cmpc", "diversity", "ranking"} and torch.isfinite(out.loss)
+    assert_close(sum(out.losses.values()), out.loss.detach(), REL)
+    optimizer.zero_grad()
+    out.loss.backward()
+    optimizer.step()
+    # Every trainable weight takes part (DDP runs without find_unused_parameters) and moves.
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable.values())
+    assert all(not torch.equal(before[key], p) for key, p in trainable.items()), name
+    model.eval()
+    with torch.no_grad():
+        assert model.encode_images(images).shape == model.encode_texts(ids).shape == (8, *model.feature_shape)

@@ -139,3 +139,148 @@ def test_similarities_run_in_fp32_under_autocast():
         cross = cross_grained_similarity(a[:, 0], a, b[:, 0], b)
     assert fine.dtype == cross.dtype == torch.float32
     _close(fine, fine_grained_similarity(a.float(), b.float()))
+
+
+# ---------------------------------------------------------------- ablation switches (docs/method.md, "Ablation switches")
+
+ABLATIONS = {  # name: CFineConfig switches and loss weights
+    "mgf_off": {"mgf": False},
+    "cfr_off": {"cfr": False},
+    "fcd_off": {"fcd": False},
+    "mgf_off_cfr_off": {"mgf": False, "cfr": False},
+    "mgf_off_fcd_off": {"mgf": False, "fcd": False},
+    "baseline": {"mgf": False, "cfr": False, "fcd": False,
+                 "loss_weights": {"diversity_weight": 0.0, "ranking_weight": 0.0}},
+}
+
+
+def _ablated_head(switches, seed=0, num_classes=6):
+    torch.manual_seed(seed)
+    config = CFineConfig(clip=CLIPConfig.tiny(width=WIDTH), num_classes=num_classes, **switches)
+    head = CFineHead(config).train()
+    with torch.no_grad():  # as _head: BN and LayerNorm off their identity initialisation
+        for name, param in head.named_parameters():
+            if "ln_" in name or "bn" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    return head
+
+
+def _ablated_reference(head, image, text, pids):
+    """The switches' rule restated on tests/cfine_reference.py's loops: mgf off, features [BN(global)] (B, 1, D), CMPM
+    and CMPC of that feature at the first weight, no diversity; S = the sum of the similarities switched on."""
+    config = head.config
+    # The reference's selections and global tokens depend on the raw tokens alone; an MGF block is only needed
+    # for its features, which mgf off replaces.
+    block = head.mgf if config.mgf else _head(seed=9).mgf
+    img_f, img_g, img_g1, img_sel = ref.modality(image, config.image_ratio, False, block, head.image_bn)
+    txt_f, txt_g, txt_g1, txt_sel = ref.modality(text, config.text_ratio, True, block, head.text_bn)
+    if not config.mgf:
+        img_f = ref.batch_norm(img_g, head.image_bn).unsqueeze(1)
+        txt_f = ref.batch_norm(txt_g, head.text_bn).unsqueeze(1)
+    similarities = []
+    if config.cfr:
+        similarities.append(ref.cross_grained(img_g, img_sel, txt_g, txt_sel, config.tau_cs))
+    if config.fcd:
+        similarities.append(ref.fine_grained(img_g1, txt_g1, config.k_word, config.k_patch, config.tau_cd))
+    weight = head.classifier.weight
+    n = img_f.shape[1]
+    zero = torch.zeros(())
+    parts = {
+        "cmpm": sum(w * ref.cmpm(img_f[:, i], txt_f[:, i], pids) for i, w in enumerate(config.cmpm_weights[:n])),
+        "cmpc": sum(w * ref.cmpc(img_f[:, i], txt_f[:, i], pids, weight) for i, w in enumerate(config.cmpc_weights[:n])),
+        "diversity": config.diversity_weight * (ref.diversity(img_f[:, 1:]) + ref.diversity(txt_f[:, 1:]))
+        if config.mgf else zero,
+        "ranking": config.ranking_weight * ref.ranking(sum(similarities), pids, config.margin)
+        if similarities and config.ranking_weight > 0 else zero,
+    }
+    return {"image_features": img_f, "text_features": txt_f, "loss": sum(parts.values()), **parts}
+
+
+@pytest.mark.parametrize("name", sorted(ABLATIONS))
+def test_each_ablation_matches_its_rule_on_the_loop_reference(name):
+    head = _ablated_head(ABLATIONS[name])
+    pids = torch.tensor([0, 1, 2, 3, 3, 4, 5, 5])
+    image, text = _with_leaf_tokens(*_inputs())
+    out = head(image, text, pids)
+    image_r, text_r = _with_leaf_tokens(*_inputs())
+    reference = _ablated_reference(head, image_r, text_r, pids)
+    assert out.image_features.shape == out.text_features.shape == (8, head.config.num_features, WIDTH)
+    _close(out.image_features, reference["image_features"])
+    _close(out.text_features, reference["text_features"])
+    assert set(out.losses) == set(PARTS)  # the same columns in metrics.jsonl, whatever is switched off
+    for part in PARTS:
+        assert_close(out.losses[part], reference[part].detach(), REL_LOSS, what=part)
+    if head.config.trains_similarity:
+        assert reference["ranking"] > 0  # triplets count: the similarity reaches the loss
+    params = [p for p in head.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out.loss, [image.tokens, text.tokens, *params], allow_unused=True)
+    ref_grads = torch.autograd.grad(reference["loss"], [image_r.tokens, text_r.tokens, *params], allow_unused=True)
+    grads, ref_grads = ([torch.zeros_like(p) if g is None else g for g, p in zip(gs, [image.tokens, text.tokens, *params])]
+                        for gs in (grads, ref_grads))
+    assert_each_close(grads, ref_grads, REL_GRAD, floor=1e-1)
+
+
+def test_mgf_off_has_no_mgf_block_and_gives_the_bn_global_token():
+    head = _ablated_head({"mgf": False})
+    assert head.mgf is None and not any(key.startswith("mgf.") for key in head.state_dict())
+    full = _head()
+    assert set(head.state_dict()) == {key for key in full.state_dict() if not key.startswith("mgf.")}
+    image, text = _inputs()
+    head.eval()  # BN with its running statistics: each sample alone
+    global_image = image.tokens[:, 0]
+    global_text = text.tokens[torch.arange(8), text.global_index]
+    bn_i, bn_t = head.image_bn, head.text_bn
+    _close(head.image_features(image), ((global_image - bn_i.running_mean) / (bn_i.running_var + bn_i.eps).sqrt()
+                                        * bn_i.weight + bn_i.bias).unsqueeze(1).detach())
+    _close(head.text_features(text), ((global_text - bn_t.running_mean) / (bn_t.running_var + bn_t.eps).sqrt()
+                                      * bn_t.weight + bn_t.bias).unsqueeze(1).detach())
+
+
+def _refuse(what):
+    def refused(*args, **kwargs):
+        raise AssertionError(f"{what} was computed")
+    return refused
+
+
+@pytest.mark.parametrize("switches, training, skipped", [
+    ({"mgf": False}, False, ["select_tokens", "local_global_features"]),  # inference: the global token alone
+    ({"mgf": False, "loss_weights": {"ranking_weight": 0.0}}, True, ["select_tokens", "local_global_features",
+                                                                    "cross_grained_similarity", "fine_grained_similarity"]),
+    ({"mgf": False, "cfr": False, "fcd": False, "loss_weights": {"ranking_weight": 0.0}}, True,
+     ["select_tokens", "local_global_features", "cross_grained_similarity", "fine_grained_similarity"]),
+    ({"cfr": False}, True, ["cross_grained_similarity"]),
+    ({"fcd": False}, True, ["fine_grained_similarity"]),
+    ({"cfr": False, "fcd": False, "loss_weights": {"ranking_weight": 0.0}}, True,
+     ["cross_grained_similarity", "fine_grained_similarity"]),
+    ({"loss_weights": {"ranking_weight": 0.0}}, True, ["cross_grained_similarity", "fine_grained_similarity"]),
+])
+def test_what_is_switched_off_is_not_computed(switches, training, skipped, monkeypatch):
+    from models import head as head_module
+    from models import objectives
+
+    head = _ablated_head(switches).train(training)
+    for name in skipped:
+        monkeypatch.setattr(head_module, name, _refuse(name))
+    if not head.config.mgf:
+        monkeypatch.setattr(objectives, "diversity_loss", _refuse("diversity_loss"))
+    out = head(*_inputs(), torch.tensor([0, 1, 2, 3, 3, 4, 5, 5]))
+    assert out.image_features.shape == (8, head.config.num_features, WIDTH)
+    if training:
+        assert torch.isfinite(out.loss)
+        assert out.losses["ranking"] == 0 if not head.config.trains_similarity else out.losses["ranking"] > 0
+        assert out.losses["diversity"] == 0 if not head.config.mgf else out.losses["diversity"] > 0
+
+
+def test_mgf_off_still_selects_tokens_for_the_similarity_in_training_only(monkeypatch):
+    from models import head as head_module
+
+    head = _ablated_head({"mgf": False})
+    calls = []
+    real = head_module.select_tokens
+    monkeypatch.setattr(head_module, "select_tokens", lambda *a: calls.append(1) or real(*a))
+    image, text = _inputs()
+    head(image, text, torch.arange(8) % 6)
+    assert len(calls) == 2  # image and text, for CFR and FCD
+    head.image_features(image), head.text_features(text)  # features alone: the global token
+    head.eval()(image, text, torch.arange(8) % 6)
+    assert len(calls) == 2

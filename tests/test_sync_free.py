@@ -72,6 +72,18 @@ def test_clip_mode_training_step_reads_nothing_on_the_host(amp, chunk_size):
     assert one_step_reads(model, random_caption_ids(8), amp, chunk_size) == []
 
 
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("switches", [
+    {"mgf": False},  # tokens selected for CFR and FCD, no MGF
+    {"cfr": False},
+    {"mgf": False, "cfr": False, "fcd": False, "loss_weights": {"diversity_weight": 0.0, "ranking_weight": 0.0}},
+], ids=["mgf_off", "cfr_off", "baseline"])
+def test_ablation_training_steps_read_nothing_on_the_host(switches):
+    torch.manual_seed(0)
+    model = CFine(CFineConfig(clip=CLIPConfig.tiny((64, 32)), num_classes=10, **switches))
+    assert one_step_reads(model, random_caption_ids(8), "off") == []
+
+
 def test_the_recorder_sees_the_reads_it_is_meant_to_catch():
     x = torch.arange(4.0)
     with HostReads() as reads:
