@@ -1,15 +1,20 @@
 """test.py: it evaluates a moved copy of the run's data but refuses other data, checks its output folder before
 evaluating, records the machine, and never writes through a link planted in its output folder; checkpoints changed
-after saving, or without the settings of their run, and --dataset values that are not a benchmark are one line."""
+after saving, or without the settings of their run, and --dataset values that are not a benchmark are one line;
+--save_features writes what was ranked, in dataset order, atomically."""
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 import test as evaluate_script
+from datasets.processed import load_split
 from engine.environment import cpu_model
-from models.checkpoint import load_checkpoint, save_checkpoint
+from evaluation.feature_file import FEATURE_KEYS
+from evaluation.metrics import evaluate_retrieval
+from models.checkpoint import load_checkpoint, load_model, save_checkpoint
 from tests.conftest import moved_copy
 from tests.test_models_checkpoint import change_a_weight
 from utils.errors import CFineError
@@ -92,3 +97,47 @@ def test_a_checkpoint_without_its_runs_dataset_is_one_line(tiny_checkpoint, proc
     # Told the dataset, it evaluates (the data check needs the run's record, which this checkpoint lacks).
     assert evaluate_script.main(eval_args(tmp_path / "hand.pt", "--data_root", processed_root,
                                           "--dataset", "CUHK-PEDES", "--output_dir", tmp_path / "eval")) == 0
+
+
+def test_save_features_holds_what_was_ranked_in_dataset_order(tiny_checkpoint, processed_root, tmp_path):
+    out = tmp_path / "eval"
+    assert evaluate_script.main(eval_args(tiny_checkpoint, "--output_dir", out, "--save_features", out / "f.npz")) == 0
+    saved = np.load(out / "f.npz", allow_pickle=False)
+    assert set(saved.files) == set(FEATURE_KEYS)
+    split = load_split(processed_root / "CUHK-PEDES", "test")
+    records = split.records
+    captions = [(caption, r["pid"]) for r in records for caption in r["captions"]]
+    n, width = load_model(tiny_checkpoint)[0].feature_shape
+    for side, rows in (("gallery", len(records)), ("query", len(captions))):
+        features = saved[side]
+        assert features.dtype == np.float32 and features.shape == (rows, n * width)  # the concatenation
+        assert np.allclose(np.linalg.norm(features, axis=1), 1.0, rtol=0, atol=1e-6)
+    assert saved["gallery_paths"].tolist() == [str(split.image_root / r["image"]) for r in records]
+    assert saved["gallery_pids"].tolist() == [r["pid"] for r in records]
+    assert saved["query_captions"].tolist() == [caption for caption, _ in captions]
+    assert saved["query_pids"].tolist() == [pid for _, pid in captions]
+    assert saved["gallery_pids"].dtype == saved["query_pids"].dtype == np.int64
+    # The metrics test.py wrote are those of the saved features, recomputed by evaluation/metrics.py.
+    metrics = json.loads((out / "metrics.json").read_text())
+    query, gallery = torch.from_numpy(saved["query"]), torch.from_numpy(saved["gallery"])
+    query_pids, gallery_pids = torch.from_numpy(saved["query_pids"]), torch.from_numpy(saved["gallery_pids"])
+    assert evaluate_retrieval(query, gallery, query_pids, gallery_pids) == metrics["t2i"]
+    assert evaluate_retrieval(gallery, query, gallery_pids, query_pids) == metrics["i2t"]
+
+
+def test_save_features_never_writes_through_a_link_and_checks_its_folder_first(tiny_checkpoint, tmp_path, monkeypatch):
+    victim = tmp_path / "victim.npz"
+    victim.write_bytes(b"not to be touched")
+    (tmp_path / "f.npz").symlink_to(victim)
+    assert evaluate_script.main(eval_args(tiny_checkpoint, "--output_dir", tmp_path / "eval",
+                                          "--save_features", tmp_path / "f.npz")) == 0
+    assert victim.read_bytes() == b"not to be touched"
+    assert not (tmp_path / "f.npz").is_symlink() and set(np.load(tmp_path / "f.npz").files) == set(FEATURE_KEYS)
+    # A place that cannot take the file is refused before anything is encoded.
+    (tmp_path / "taken").write_text("a file, not a folder")
+    monkeypatch.setattr(evaluate_script, "encode_split", lambda *a, **k: pytest.fail("evaluated first"))
+    with pytest.raises(CFineError, match=r"--save_features .*taken/f\.npz: cannot write there"):
+        evaluate_script.main(eval_args(tiny_checkpoint, "--output_dir", tmp_path / "eval",
+                                       "--save_features", tmp_path / "taken" / "f.npz"))
+    with pytest.raises(CFineError, match=r"--save_features .*: is a folder; name the \.npz file to write"):
+        evaluate_script.main(eval_args(tiny_checkpoint, "--output_dir", tmp_path / "eval", "--save_features", tmp_path))
