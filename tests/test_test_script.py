@@ -141,3 +141,23 @@ def test_save_features_never_writes_through_a_link_and_checks_its_folder_first(t
                                        "--save_features", tmp_path / "taken" / "f.npz"))
     with pytest.raises(CFineError, match=r"--save_features .*: is a folder; name the \.npz file to write"):
         evaluate_script.main(eval_args(tiny_checkpoint, "--output_dir", tmp_path / "eval", "--save_features", tmp_path))
+
+
+def test_test_py_applies_the_runs_tf32_setting_before_encoding(tiny_checkpoint, tmp_path, monkeypatch):
+    state = load_checkpoint(tiny_checkpoint)
+    state["args"]["tf32"] = "on"  # not the default: the value must come from the run
+    save_checkpoint(state, tmp_path / "tf32.pt")
+    applied, at_encoding = [], []
+
+    class Encoded(Exception):
+        pass
+
+    def encode(*args, **kwargs):
+        at_encoding.append(list(applied))
+        raise Encoded
+
+    monkeypatch.setattr(evaluate_script, "use_tf32", applied.append)
+    monkeypatch.setattr(evaluate_script, "encode_split", encode)
+    with pytest.raises(Encoded):
+        evaluate_script.main(eval_args(tmp_path / "tf32.pt", "--output_dir", tmp_path / "eval"))
+    assert at_encoding == [["on"]]
