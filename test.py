@@ -39,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="--zero_shot's CLIP weights: a released name (ViT-B/16, looked up in ~/.cache/clip) or a "
                              "checkpoint file; evaluated at their native resolution with CLIP's mean/std")
     parser.add_argument("--dataset", type=benchmark_name, metavar="{" + ",".join(TABLE["dataset"].choices) + "}",
-                        help="default: the dataset the checkpoint was trained on")
+                        help="default: the dataset the checkpoint was trained on (required with --zero_shot)")
     parser.add_argument("--data_root", "--data-root",
                         help="folder holding data.sh's <dataset>/ (default: the training run's; processed_data "
                              "with --zero_shot)")
