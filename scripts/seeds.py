@@ -43,13 +43,14 @@ def run(command: list[str]) -> None:
     print("+", " ".join(command), flush=True)
     result = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if result.returncode != 0:
-        raise CFineError(f"seeds: `{' '.join(command)}` failed with exit code {result.returncode}")
+        raise CFineError(f"{Path(sys.argv[0]).stem}: `{' '.join(command)}` failed with exit code {result.returncode}")
 
 
-def run_seed(args: argparse.Namespace, seed: int, extra: list[str]) -> dict:
-    """Train (or resume, or reuse) one seed and evaluate its best.pt; returns test.py's metrics.json."""
-    folder = Path(args.out) / f"seed_{seed}"
-    metrics_file = folder / f"eval_{args.split}" / "metrics.json"
+def run_seed(config: str, out: Path, seed: int, split: str, extra: list[str]) -> dict:
+    """Train (or resume, or reuse) one seed of a config into out/seed_<seed>/ and evaluate its best.pt on split;
+    returns test.py's metrics.json."""
+    folder = Path(out) / f"seed_{seed}"
+    metrics_file = folder / f"eval_{split}" / "metrics.json"
     if metrics_file.is_file():
         print(f"seed {seed}: {metrics_file} exists, reusing it")
         return json.loads(metrics_file.read_text())
@@ -57,8 +58,8 @@ def run_seed(args: argparse.Namespace, seed: int, extra: list[str]) -> dict:
     if (folder / "last.pt").is_file():
         run([python, "train.py", "--resume", str(folder / "last.pt"), *extra_for_resume(extra)])
     else:
-        run([python, "train.py", "--config", args.config, "--seed", str(seed), "--output_dir", str(folder), *extra])
-    run([python, "test.py", "--checkpoint", str(folder / "best.pt"), "--split", args.split, "--no_progress"])
+        run([python, "train.py", "--config", str(config), "--seed", str(seed), "--output_dir", str(folder), *extra])
+    run([python, "test.py", "--checkpoint", str(folder / "best.pt"), "--split", split, "--no_progress"])
     return json.loads(metrics_file.read_text())
 
 
@@ -73,6 +74,17 @@ def extra_for_resume(extra: list[str]) -> list[str]:
             out += extra[i:i + 2] if takes_value else [flag]
         i += 2 if takes_value else 1
     return out
+
+
+def train_flags(remainder: list[str]) -> list[str]:
+    """The train.py flags given after `--` (argparse.REMAINDER keeps the `--` itself)."""
+    return remainder[1:] if remainder[:1] == ["--"] else remainder
+
+
+def check_seeds(seeds: list[int]) -> None:
+    """Each seed once (a repeated seed would be the same run twice, counted twice in the std)."""
+    if len(set(seeds)) != len(seeds):
+        raise SettingError(f"--seeds {' '.join(map(str, seeds))}: each seed once")
 
 
 def summarise(per_seed: dict[int, dict]) -> dict[str, dict[str, float]]:
@@ -97,12 +109,11 @@ def markdown_table(per_seed: dict[int, dict], summary: dict, config: str, split:
 
 
 def main(args: argparse.Namespace) -> int:
-    if len(set(args.seeds)) != len(args.seeds):
-        raise SettingError(f"--seeds {args.seeds}: each seed once")
+    check_seeds(args.seeds)
     if not Path(args.config).is_file():
         raise SettingError(f"--config {args.config}: no such file")
-    extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    per_seed = {seed: run_seed(args, seed, extra) for seed in args.seeds}
+    extra = train_flags(args.train_args)
+    per_seed = {seed: run_seed(args.config, Path(args.out), seed, args.split, extra) for seed in args.seeds}
     summary = summarise(per_seed)
     table = markdown_table(per_seed, summary, args.config, args.split)
     out = Path(args.out)
