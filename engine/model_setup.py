@@ -54,7 +54,7 @@ def loss_weights(settings: argparse.Namespace) -> dict:
 
 
 def switches(settings: argparse.Namespace) -> dict[str, bool]:
-    """The ablation switches --mgf/--cfr/--fcd ("on"/"off") as CFineConfig's booleans (docs/method.md, ablation switches)."""
+    """The ablation switches --mgf/--cfr/--fcd ("on"/"off") as CFineConfig's booleans (docs/method.md §5, ablation switches)."""
     return {name: getattr(settings, name) == "on" for name in ABLATION_SWITCHES}
 
 

@@ -36,7 +36,7 @@ class CFineConfig:
     # Each loss term's weight by its name (models/objectives.py LOSS_TERMS); those not given take their defaults.
     loss_weights: dict[str, Any] = field(default_factory=default_loss_weights)
     margin: float = 0.2  # of the ranking loss
-    # Ablation switches (docs/method.md "Ablation switches"); all on is the paper's model.
+    # Ablation switches (docs/method.md §5, ablation switches); all on is the paper's model.
     mgf: bool = True  # off: no MGF block; each modality's features are [BN(global)] alone (B, 1, D)
     cfr: bool = True  # off: the ranking loss's S has no CFR sim_cs
     fcd: bool = True  # off: the ranking loss's S has no FCD sim_cd

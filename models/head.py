@@ -1,6 +1,6 @@
 """CFine's head on encoder tokens: MGF + BN at inference; CFR, FCD and the weighted losses in training (docs/method.md §2-5).
 
-The ablation switches of CFineConfig (docs/method.md "Ablation switches") remove a part here: mgf off builds no
+The ablation switches of CFineConfig (docs/method.md §5, ablation switches) remove a part here: mgf off builds no
 MGF block (features [BN(global)] alone), cfr / fcd off leave their similarity out of S.
 """
 from __future__ import annotations

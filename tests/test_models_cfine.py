@@ -111,7 +111,7 @@ def test_config_round_trips_through_json_and_rebuilds_the_model():
         CFineConfig.from_dict({"num_classes": 3, "tau": 1.0})
 
 
-SWITCHED = {  # docs/method.md "Ablation switches": one per switch, and the table's baseline row
+SWITCHED = {  # docs/method.md §5, ablation switches: one per switch, and the table's baseline row
     "mgf_off": {"mgf": False},
     "cfr_off": {"cfr": False},
     "fcd_off": {"fcd": False},

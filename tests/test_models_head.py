@@ -141,7 +141,7 @@ def test_similarities_run_in_fp32_under_autocast():
     _close(fine, fine_grained_similarity(a.float(), b.float()))
 
 
-# ---------------------------------------------------------------- ablation switches (docs/method.md, "Ablation switches")
+# ---------------------------------------------------------------- ablation switches (docs/method.md §5, ablation switches)
 
 ABLATIONS = {  # name: CFineConfig switches and loss weights
     "mgf_off": {"mgf": False},
