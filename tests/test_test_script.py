@@ -161,3 +161,29 @@ def test_test_py_applies_the_runs_tf32_setting_before_encoding(tiny_checkpoint, 
     with pytest.raises(Encoded):
         evaluate_script.main(eval_args(tmp_path / "tf32.pt", "--output_dir", tmp_path / "eval"))
     assert at_encoding == [["on"]]
+
+
+def test_an_mgf_off_checkpoint_is_evaluated_and_indexed_on_the_global_feature(processed_root, test_split_photos,
+                                                                              tmp_path):
+    """--mgf off (issue 21): test.py and search.py rebuild the model from the checkpoint's config alone; its one
+    feature is [BN(global)], so the paper's concatenation is the global feature and an index row is D wide, not 3D."""
+    import train
+    from models.checkpoint import load_model
+    from retrieval.build_index import update_index
+    from retrieval.index import read_index
+    from tests.conftest import TINY_TRAIN_FLAGS
+
+    run = tmp_path / "run"
+    assert train.main(train.parse_args(["--data_root", str(processed_root), "--output_dir", str(run), *TINY_TRAIN_FLAGS,
+                                        "--epochs", "1", "--mgf", "off"])) == 0
+    model, state = load_model(run / "best.pt")
+    assert state["config"]["mgf"] is False and model.head.mgf is None
+    width = model.config.width
+    assert model.feature_shape == (1, width)
+    assert evaluate_script.main(eval_args(run / "best.pt", "--data_root", processed_root,
+                                          "--output_dir", tmp_path / "eval")) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["t2i"] == metrics["t2i_global"] and metrics["i2t"] == metrics["i2t_global"]
+    update_index(run / "best.pt", test_split_photos, tmp_path / "index", torch.device("cpu"), workers=0, progress=False)
+    index = read_index(tmp_path / "index")
+    assert index.features.shape == (len(index.images), width)
