@@ -53,7 +53,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "their pids, the gallery's image paths and the captions (docs/training.md)")
     parser.add_argument("--device", type=flag_type(TABLE["device"]),
                         help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
-    parser.add_argument("--amp", default="auto", choices=AMP_MODES)
+    parser.add_argument("--amp", choices=AMP_MODES,
+                        help="default: off for a run trained with --amp off (the *_paper.json configs: fp32, as the "
+                             "authors evaluated), else auto (bf16 on GPUs that support it)")
     parser.add_argument("--compile", default="off", type=flag_type(TABLE["compile"]), metavar="BACKEND",
                         help="torch.compile the encoders: off, inductor or aot_eager")
     parser.add_argument("--batch_size", "--batch-size", type=flag_type(Setting("batch_size", 128, int, minimum=1)),
@@ -124,6 +126,7 @@ class Subject:
     out_dir: Path
     record: dict  # metrics.json's keys that say what was evaluated on what
     single_feature: str | None = None  # the name of its one retrieval feature, if it has one alone (format_table)
+    amp: str = "auto"  # --amp when not given: off for a run trained without autocast
 
 
 def carved_ids(state: dict, split: str, dataset: str) -> list[int]:
@@ -156,7 +159,8 @@ def checkpoint_subject(args: argparse.Namespace, device) -> Subject:
               "selected_on": state.get("eval_split"), "epoch": state.get("epoch")}
     carved = f" (carved from train: {len(held_out)} held-out ids)" if held_out else ""
     return Subject(model, f"{args.checkpoint} on {dataset} {args.split}{carved}", processed, held_out,
-                   tuple(model.config.clip.vision.image_size), train_args.get("mean_std", "clip"), out_dir, record)
+                   tuple(model.config.clip.vision.image_size), train_args.get("mean_std", "clip"), out_dir, record,
+                   amp="off" if train_args.get("amp") == "off" else "auto")
 
 
 def zero_shot_subject(args: argparse.Namespace, device) -> Subject:
@@ -193,7 +197,7 @@ def check_writable(out_dir: Path, features: str | None) -> None:
 def main(args: argparse.Namespace) -> int:
     info, device = distributed.init_distributed(args.device or default_device())
     subject = zero_shot_subject(args, device) if args.zero_shot else checkpoint_subject(args, device)
-    amp = resolve_amp(args.amp, device)
+    amp = resolve_amp(args.amp or subject.amp, device)
     workers = loader_workers(args.workers, info.local_world_size)
     if info.is_main:
         check_writable(subject.out_dir, args.save_features)

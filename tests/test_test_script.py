@@ -163,6 +163,29 @@ def test_test_py_applies_the_runs_tf32_setting_before_encoding(tiny_checkpoint, 
     assert at_encoding == [["on"]]
 
 
+@pytest.mark.parametrize("trained, given, expected", [("off", None, "off"), ("auto", None, "auto"),
+                                                       ("bf16", None, "auto"), ("off", "bf16", "bf16")])
+def test_amp_defaults_to_off_for_a_run_trained_without_autocast(tiny_checkpoint, tmp_path, monkeypatch, trained,
+                                                                given, expected):
+    state = load_checkpoint(tiny_checkpoint)
+    state["args"]["amp"] = trained
+    save_checkpoint(state, tmp_path / "run.pt")
+    asked = []
+
+    class Resolved(Exception):
+        pass
+
+    def resolve(mode, device):
+        asked.append(mode)
+        raise Resolved
+
+    monkeypatch.setattr(evaluate_script, "resolve_amp", resolve)
+    flags = ["--output_dir", tmp_path / "eval", *(["--amp", given] if given else [])]
+    with pytest.raises(Resolved):
+        evaluate_script.main(eval_args(tmp_path / "run.pt", *flags))
+    assert asked == [expected]
+
+
 def test_an_mgf_off_checkpoint_is_evaluated_and_indexed_on_the_global_feature(processed_root, test_split_photos,
                                                                               tmp_path):
     """--mgf off (issue 21): test.py and search.py rebuild the model from the checkpoint's config alone; its one
