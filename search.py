@@ -5,8 +5,10 @@
     python search.py serve --index photos.index          # then open http://127.0.0.1:8000/
 `index` encodes every image under the folder once; a rerun encodes only new or changed files and drops
 deleted ones. `query` and `serve` encode the sentence with the index's checkpoint and rank every indexed
-image exactly, as test.py ranks a split's gallery (retrieval/ranking.py, retrieval/text_search.py). This file only
-reads the arguments: the work is in retrieval/ (build_index.py, text_search.py, server.py).
+image exactly, as test.py ranks a split's gallery (retrieval/ranking.py, retrieval/text_search.py). --checkpoint may
+also be a folder written by `python -m scripts.export --format onnx`: its encoders then run in onnxruntime and no
+CFine is built (retrieval/search_model.py, docs/export.md). This file only reads the arguments: the work is in
+retrieval/ (build_index.py, text_search.py, server.py, search_model.py).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from engine.settings import AMP_MODES, TABLE, Setting, default_device, flag_type
 THREADS_HELP = ("CPU threads scanning the features (default 1: more help on an idle many-core machine and "
                 "can be much slower on a busy one; see retrieval/ranking.py)")
 DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)"
-CHECKPOINT_HELP = "the index's checkpoint if it moved (the same file: its SHA256 is checked)"
+CHECKPOINT_HELP = ("the index's checkpoint if it moved (the same file: its SHA256 is checked), or an exported ONNX folder "
+                   "of it (python -m scripts.export), or the checkpoint an exported index came from")
 # The settings table's checks (engine/settings.py) for the flags train.py does not have: one-line errors alike.
 BATCH_SIZE = flag_type(Setting("batch_size", 128, int, minimum=1))
 TOP_K = flag_type(Setting("top_k", 10, int, minimum=1))
@@ -33,7 +36,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     index = commands.add_parser("index", help="encode the images of a folder into an index (or update it)")
-    index.add_argument("--checkpoint", required=True, help="best.pt or last.pt written by train.py")
+    index.add_argument("--checkpoint", required=True, help="best.pt or last.pt written by train.py, or a folder written "
+                       "by `python -m scripts.export --format onnx` (runs in onnxruntime)")
     index.add_argument("--images", required=True, help="folder searched recursively for jpg/jpeg/png/bmp/webp files")
     index.add_argument("--out", default="search_index", help="index folder to create or update (default: search_index)")
     index.add_argument("--device", type=DEVICE, help=DEVICE_HELP)

@@ -1,7 +1,8 @@
 """The search index written by `search.py index`: one folder, read memory-mapped, replaced atomically.
 
-    INDEX/manifest.json          format, image folder, checkpoint {path, sha256}, feature width, the features
-                                 file's name and SHA256, and [relative path, size, mtime_ns] of every indexed image
+    INDEX/manifest.json          format, image folder, checkpoint {path, sha256} (+ exported_from for an exported
+                                 folder: retrieval/search_model.py), feature width, the features file's name and
+                                 SHA256, and [relative path, size, mtime_ns] of every indexed image
     INDEX/features-<token>.npy   (N, D) float16 retrieval features, row i = image i (NumPy's .npy format)
 
 A rewrite writes a new features file under a new name, then replaces the manifest (the commit), then removes
@@ -33,7 +34,7 @@ import numpy as np
 
 from retrieval.image_folder import ImageFile, inside, json_text
 from utils.errors import SearchIndexError
-from utils.files import atomic_write, remove_stale, sha256_file
+from utils.files import atomic_write, remove_stale
 
 FORMAT = "cfine-search-index-v2"
 LEGACY_FORMAT = "cfine-search-index-v1"  # no features checksum: updated in place by `index`, refused by query/serve
@@ -47,9 +48,15 @@ _LEFTOVER = re.compile(r"features-[0-9a-f]{12}\.npy|\.(features-[0-9a-f]{12}\.np
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def checkpoint_identity(path: str | os.PathLike) -> dict:
-    """What an index records about the model that encoded it: the checkpoint's absolute path and SHA256."""
-    return {"path": os.path.abspath(path), "sha256": sha256_file(path)}
+def weights_sha256(identity: dict) -> str:
+    """The SHA256 naming the weights behind a recorded model (retrieval/search_model.py model_identity): the source
+    checkpoint's for an exported folder (`exported_from`), else the checkpoint's own."""
+    return identity.get("exported_from") or identity["sha256"]
+
+
+def same_model(recorded: dict, identity: dict) -> bool:
+    """Whether two recorded models are the same weights: one checkpoint, or it and an export of it."""
+    return weights_sha256(recorded) == weights_sha256(identity)
 
 
 @dataclass
@@ -119,7 +126,9 @@ def _checked_manifest(manifest) -> tuple[dict, list[ImageFile]]:
     _require(isinstance(get("image_root"), str), f"image_root is {_brief(get('image_root'))}, not a folder")
     checkpoint = get("checkpoint")
     _require(isinstance(checkpoint, dict) and isinstance(checkpoint.get("path"), str)
-             and isinstance(checkpoint.get("sha256"), str) and _SHA256.fullmatch(checkpoint["sha256"]),
+             and isinstance(checkpoint.get("sha256"), str) and _SHA256.fullmatch(checkpoint["sha256"])
+             and (checkpoint.get("exported_from") is None
+                  or isinstance(checkpoint["exported_from"], str) and _SHA256.fullmatch(checkpoint["exported_from"])),
              f"checkpoint is {_brief(checkpoint)}, not {{path, sha256}}")
     _require(_whole(get("dim")) and get("dim") >= 1, f"dim is {_brief(get('dim'))}, not a feature width")
     _require(isinstance(get("features"), str) and _FEATURES_NAME.fullmatch(get("features")),
@@ -224,7 +233,7 @@ def open_for_update(location: str | os.PathLike, image_root: str | os.PathLike, 
                                "pass another --out")
     index = read_index(location, legacy=True)
     fix = f"pass another --out for a new index, or delete {location} to rebuild it"
-    if index.checkpoint.get("sha256") != checkpoint["sha256"]:
+    if not same_model(index.checkpoint, checkpoint):
         raise SearchIndexError(f"{location} was built with another checkpoint ({index.checkpoint.get('path')}, "
                                f"sha256 {str(index.checkpoint.get('sha256'))[:12]}...), not {checkpoint['path']} "
                                f"(sha256 {checkpoint['sha256'][:12]}...); its features cannot be mixed: {fix}")

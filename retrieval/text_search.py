@@ -1,7 +1,8 @@
-r"""Sentences -> ranked images of a search index: the index's checkpoint encodes the text, ranking.top_k ranks.
+r"""Sentences -> ranked images of a search index: the index's model encodes the text, ranking.top_k ranks.
 
 The query side is test.py's: `model.tokenize` (over-long text is truncated with a warning), `encode_texts`,
-the concatenated retrieval feature in fp32; the gallery side is the index's stored fp16 features. The results
+the concatenated retrieval feature in fp32 (or the same from an exported ONNX folder in onnxruntime:
+retrieval/search_model.py); the gallery side is the index's stored fp16 features. The results
 are written as `search.py query` shows them: a table, JSON lines, or PNG pages. Opening the index verifies it
 (retrieval/index.py read_index: its manifest's fields and its features' SHA256). A file name that is not UTF-8
 is shown in the table with its odd bytes as \xNN and written in JSON with Python's surrogateescape code points
@@ -16,12 +17,10 @@ from pathlib import Path
 import torch
 
 from evaluation.visualize import ranking_page
-from models.cfine import CFine, retrieval_features
-from models.checkpoint import load_model
 from retrieval.image_folder import json_text, shown_name
-from retrieval.index import FEATURE, SearchIndex, SearchIndexError, read_index
+from retrieval.index import SearchIndex, SearchIndexError, read_index, same_model
 from retrieval.ranking import top_k
-from utils.files import sha256_file
+from retrieval.search_model import SearchModel, load_search_model, model_identity
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,7 @@ class Hit:
 class TextSearch:
     """A loaded index and the model that built it; `search` ranks every indexed image for each sentence."""
 
-    def __init__(self, index: SearchIndex, model: CFine, device: torch.device, cpu_threads: int | None = 1):
+    def __init__(self, index: SearchIndex, model: SearchModel, device: torch.device, cpu_threads: int | None = 1):
         self.index, self.model, self.device, self.cpu_threads = index, model, device, cpu_threads
         # On a GPU the fp16 gallery is copied once (2 bytes per value); on the CPU it stays memory-mapped.
         self.gallery = torch.from_numpy(index.features).to(device) if device.type != "cpu" else index.features
@@ -49,8 +48,7 @@ class TextSearch:
                                    "with readable images")
         results = []
         for start in range(0, len(captions), batch_size):
-            tokens = self.model.tokenize(list(captions[start:start + batch_size]), warn_truncated=True)
-            queries = retrieval_features(self.model.encode_texts(tokens.to(self.device)).float(), FEATURE)
+            queries = self.model.encode_captions(captions[start:start + batch_size], warn_truncated=True).to(self.device)
             best = top_k(queries, self.gallery, k, cpu_threads=self.cpu_threads)
             results += [[Hit(rank + 1, score, self.index.images[i].path) for rank, (score, i) in enumerate(zip(s, rows))]
                         for s, rows in zip(best.scores.tolist(), best.indices.tolist())]
@@ -59,19 +57,20 @@ class TextSearch:
 
 def load_text_search(location: str | os.PathLike, device: torch.device,
                      checkpoint: str | os.PathLike | None = None, cpu_threads: int | None = 1) -> TextSearch:
-    """Read an index and load the checkpoint it records (or `checkpoint`, which must be the same file's bytes)."""
+    """Read an index and load the model it records (or `checkpoint`: the same checkpoint's bytes, or an exported ONNX
+    folder of it, or the checkpoint an exported folder came from)."""
     index = read_index(location)
     path = Path(checkpoint or index.checkpoint["path"])
     recorded = index.checkpoint["sha256"]
-    if not path.is_file():
+    if not path.exists():
         raise SearchIndexError(f"{location} was built with the checkpoint {path}, which no longer exists; pass its "
                                "new location with --checkpoint, or rebuild the index with another checkpoint")
-    if sha256_file(path) != recorded:
-        raise SearchIndexError(f"{path} is not the checkpoint {location} was built with (its SHA256 differs from the "
-                               f"recorded {recorded[:12]}...): its text features would not match the stored image "
-                               "features. Pass the original file with --checkpoint, or rebuild the index")
-    model, _ = load_model(path, device)
-    return TextSearch(index, model, device, cpu_threads)
+    identity = model_identity(path)
+    if not same_model(index.checkpoint, identity):
+        raise SearchIndexError(f"{path} is not the checkpoint {location} was built with, nor an export of it (its SHA256 "
+                               f"differs from the recorded {recorded[:12]}...): its text features would not match the "
+                               "stored image features. Pass the original file with --checkpoint, or rebuild the index")
+    return TextSearch(index, load_search_model(path, device, identity=identity), device, cpu_threads)
 
 
 def hits_json(sentence: str, hits: list[Hit], image_root: Path) -> str:

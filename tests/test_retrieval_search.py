@@ -19,7 +19,7 @@ from datasets.transforms import ResizeToUint8
 from evaluation.encode import encode_split
 from models.cfine import retrieval_features
 from models.checkpoint import load_model, save_checkpoint
-from retrieval import build_index
+from retrieval import build_index, search_model
 from retrieval import index as search_index
 from retrieval.build_index import IndexUpdate
 from retrieval.image_folder import ImageFiles, scan_image_folder
@@ -614,14 +614,14 @@ def test_non_finite_features_are_never_written(tmp_path):
 
 def test_images_the_model_gives_non_finite_features_are_skipped_and_listed(tiny_checkpoint, test_split_photos,
                                                                           tmp_path, monkeypatch):
-    real = build_index.retrieval_features
+    real = search_model.retrieval_features
 
     def first_row_nan(encoded, mode):
         features = real(encoded, mode)
         features[0, 0] = float("nan")
         return features
 
-    monkeypatch.setattr(build_index, "retrieval_features", first_row_nan)
+    monkeypatch.setattr(search_model, "retrieval_features", first_row_nan)
     update = build_index.update_index(tiny_checkpoint, test_split_photos, tmp_path / "index", torch.device("cpu"),
                                       workers=0, progress=False)
     assert update.indexed == 11 and len(update.non_finite) == 1
