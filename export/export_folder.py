@@ -64,7 +64,7 @@ class ExportReport:
 
     def summary(self) -> str:
         """The lines scripts/export.py prints."""
-        lines = [f"{self.folder}: {self.model_format} encoders written in {sum(self.seconds.values()):.1f} s"]
+        lines = [f"{self.folder}: {self.model_format} encoders exported and checked in {sum(self.seconds.values()):.1f} s"]
         lines += [f"  {name:32s} {_size(size):>10s}" for name, size in self.sizes.items()]
         lines.append("  verified on a batch of another size: max |exported - model| / max |model| = "
                      + ", ".join(f"{role} {error:.1e}" for role, error in self.errors.items()))

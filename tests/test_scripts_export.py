@@ -39,7 +39,7 @@ def test_the_folder_is_replaced_only_with_overwrite_and_whole(tiny_checkpoint, t
     assert run_export("--checkpoint", tiny_checkpoint, "--format", "torchscript", "--out", out) == 0
     summary = capsys.readouterr().out
     manifest = json.loads((out / "export.json").read_text())
-    assert "torchscript encoders written" in summary and all(name in summary for name in manifest["files"])
+    assert "torchscript encoders exported and checked" in summary and all(name in summary for name in manifest["files"])
     assert sorted(os.listdir(tmp_path)) == ["exported"]  # no temporary sibling left
 
     (out / "notes.txt").write_text("mine")
