@@ -160,6 +160,7 @@ def checkpoint_subject(args: argparse.Namespace, device) -> Subject:
     carved = f" (carved from train: {len(held_out)} held-out ids)" if held_out else ""
     return Subject(model, f"{args.checkpoint} on {dataset} {args.split}{carved}", processed, held_out,
                    tuple(model.config.clip.vision.image_size), train_args.get("mean_std", "clip"), out_dir, record,
+                   single_feature="global" if model.feature_shape[0] == 1 else None,  # --mgf off: [BN(global)]
                    amp="off" if train_args.get("amp") == "off" else "auto")
 
 

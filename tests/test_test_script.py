@@ -187,7 +187,7 @@ def test_amp_defaults_to_off_for_a_run_trained_without_autocast(tiny_checkpoint,
 
 
 def test_an_mgf_off_checkpoint_is_evaluated_and_indexed_on_the_global_feature(processed_root, test_split_photos,
-                                                                              tmp_path):
+                                                                              tmp_path, capsys):
     """--mgf off (issue 21): test.py and search.py rebuild the model from the checkpoint's config alone; its one
     feature is [BN(global)], so the paper's concatenation is the global feature and an index row is D wide, not 3D."""
     import train
@@ -207,6 +207,19 @@ def test_an_mgf_off_checkpoint_is_evaluated_and_indexed_on_the_global_feature(pr
                                           "--output_dir", tmp_path / "eval")) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["t2i"] == metrics["t2i_global"] and metrics["i2t"] == metrics["i2t_global"]
+    table = capsys.readouterr().out
+    assert "text->image [global]" in table and "lg1" not in table  # the table names the one feature it ranked
+    from export.export_folder import export_checkpoint
+    from export.torchscript_file import torchscript_runner
+
+    export_checkpoint(run / "best.pt", "torchscript", tmp_path / "exported")
+    images = torch.randn(3, 3, *model.config.clip.vision.image_size)
+    exported = torchscript_runner(tmp_path / "exported" / "image_encoder.pt")(images)
+    from models.cfine import retrieval_features
+
+    with torch.no_grad():
+        expected = retrieval_features(model.eval().encode_images(images)).numpy()
+    assert exported.shape == (3, width) and abs(exported - expected).max() <= 1e-4 * abs(expected).max()
     update_index(run / "best.pt", test_split_photos, tmp_path / "index", torch.device("cpu"), workers=0, progress=False)
     index = read_index(tmp_path / "index")
     assert index.features.shape == (len(index.images), width)
