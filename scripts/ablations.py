@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # also run as `python scripts/ablations.py`
 from engine import settings as train_settings  # noqa: E402
-from scripts.seeds import HEADERS, METRICS, check_seeds, run_seed, summarise, train_flags  # noqa: E402
+from scripts.seeds import HEADERS, METRICS, check_seeds, mean_std, run_seed, summarise, train_flags  # noqa: E402
 from utils.errors import SettingError, run_main  # noqa: E402
 from utils.files import atomic_write, write_json  # noqa: E402
 
@@ -103,7 +103,7 @@ def check_train_flags(extra: list[str]) -> None:
 
 
 def _cell(summary: dict, n: int) -> list[str]:
-    return [f"{summary[k]['mean']:.2f} ± {summary[k]['std']:.2f}" for k in METRICS] + [str(n)]
+    return [mean_std(summary[k]) for k in METRICS] + [str(n)]
 
 
 def markdown_table(rows: list[dict], title: str) -> str:

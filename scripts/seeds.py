@@ -87,13 +87,20 @@ def check_seeds(seeds: list[int]) -> None:
         raise SettingError(f"--seeds {' '.join(map(str, seeds))}: each seed once")
 
 
-def summarise(per_seed: dict[int, dict]) -> dict[str, dict[str, float]]:
-    """Mean and sample standard deviation (0 for one seed) of each text-to-image metric."""
+def summarise(per_seed: dict[int, dict]) -> dict[str, dict[str, float | None]]:
+    """Mean and sample standard deviation (None for one seed: it has none) of each text-to-image metric."""
     summary = {}
     for key in METRICS:
         values = [metrics["t2i"][key] for metrics in per_seed.values()]
-        summary[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        summary[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
     return summary
+
+
+def mean_std(summary: dict[str, float | None]) -> str:
+    """'mean ± std' to two decimals; the mean alone for one seed (a sample std needs two)."""
+    if summary["std"] is None:
+        return f"{summary['mean']:.2f}"
+    return f"{summary['mean']:.2f} ± {summary['std']:.2f}"
 
 
 def markdown_table(per_seed: dict[int, dict], summary: dict, config: str, split: str) -> str:
@@ -103,8 +110,7 @@ def markdown_table(per_seed: dict[int, dict], summary: dict, config: str, split:
              "| --- |" + " --- |" * len(METRICS)]
     for seed, metrics in per_seed.items():
         lines.append(f"| {seed} | " + " | ".join(f"{metrics['t2i'][k]:.2f}" for k in METRICS) + " |")
-    lines.append("| **mean ± std** | " + " | ".join(f"**{summary[k]['mean']:.2f} ± {summary[k]['std']:.2f}**"
-                                                   for k in METRICS) + " |")
+    lines.append("| **mean ± std** | " + " | ".join(f"**{mean_std(summary[k])}**" for k in METRICS) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -33,3 +33,13 @@ def test_two_seeds_train_test_and_summarise(processed_root, tmp_path):
 
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)  # nothing left to run
     assert again.returncode == 0 and again.stdout.count("exists, reusing it") == 2 and "train.py" not in again.stdout
+
+
+def test_one_seed_has_a_mean_and_no_standard_deviation():
+    from scripts.seeds import mean_std, summarise
+
+    one = summarise({7: {"t2i": {key: 50.0 + i for i, key in enumerate(("R1", "R5", "R10", "mAP", "mINP"))}}})
+    assert one["R1"] == {"mean": 50.0, "std": None} and mean_std(one["R5"]) == "51.00"
+    two = summarise({1: {"t2i": dict.fromkeys(("R1", "R5", "R10", "mAP", "mINP"), 60.0)},
+                     2: {"t2i": dict.fromkeys(("R1", "R5", "R10", "mAP", "mINP"), 62.0)}})
+    assert mean_std(two["mAP"]) == f"61.00 ± {2 ** 0.5:.2f}"
