@@ -23,15 +23,20 @@ ALLOWED = {
 PROJECT = set(ALLOWED) | {"train", "test", "search", "benchmarks", "scripts", "tests"}
 
 
-def imported_packages(path):
-    """Top-level project packages that a file imports anywhere in its body."""
+def imported_names(path):
+    """Top-level names of every absolute import anywhere in a file's body (lazy imports included)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             found |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.add(node.module.split(".")[0])
-    return found & PROJECT
+    return found
+
+
+def imported_packages(path):
+    """Top-level project packages that a file imports anywhere in its body."""
+    return imported_names(path) & PROJECT
 
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
@@ -54,13 +59,7 @@ def test_the_export_packages_are_imported_by_export_alone():
         parts = path.relative_to(REPO).parts
         if parts[0] in ("export", "tests") or any(part.startswith(".") for part in parts):
             continue
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, ast.Import):
-                found |= {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                found.add(node.module.split(".")[0])
-        if found & EXPORT_PACKAGES:
+        if imported_names(path) & EXPORT_PACKAGES:
             offenders.append(str(path.relative_to(REPO)))
     assert not offenders, offenders
     # At run time: the entry points and the search feature load without them (they run where they are not installed).
