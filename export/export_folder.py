@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from datasets.transforms import MEAN_STD
-from export.encoders import EXAMPLE_BATCH, Encoder, example_images, example_token_ids, feature_width, retrieval_encoders
+from export.encoders import EXAMPLE_BATCH, Encoder, example_images, example_token_ids, retrieval_encoders
 from export.manifest import FORMAT, MANIFEST, MODEL_FORMATS, README, encoder_file, file_entry, tensor_spec, write_manifest
 from export.onnx_file import OUTPUT, WRITING, onnx_runner, write_onnx
 from export.packages import import_optional
@@ -71,16 +71,6 @@ class ExportReport:
         return "\n".join(lines)
 
 
-def _flush_files(folder: Path) -> None:
-    """fsync every file of the folder being filled, so that the swap commits written bytes, not cached ones."""
-    for path in folder.iterdir():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def check_output_folder(out: Path, overwrite: bool) -> None:
     """SettingError unless out can become the exported folder: absent, empty, or (with overwrite) a folder to replace;
     never a file or a link."""
@@ -118,7 +108,7 @@ def _manifest(model: CFine, state: dict, checkpoint: Path, model_format: str, me
               tokenizer_rules: dict, vocab_file: str | None, exporter: dict, errors: dict[str, float]) -> dict:
     """export.json without its `files` (added once every file is written)."""
     count, width = model.feature_shape
-    total = feature_width(model)
+    total = model.retrieval_width
     mean, std = MEAN_STD[mean_std]
     height, image_width = model.config.clip.vision.image_size
     return {
@@ -162,7 +152,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, model_format: str, out: str
     errors, seconds, exporter = {}, {}, {}
     remove_stale(out.parent, of=out.name)  # what a killed export left beside out
     try:
-        with replacing_folder(out) as folder:
+        with replacing_folder(out, sync=True) as folder:
             for encoder in encoders:
                 start = time.perf_counter()
                 path = folder / encoder_file(encoder.role, model_format)
@@ -182,7 +172,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, model_format: str, out: str
             (folder / README).write_text(readme_text(manifest), encoding="utf-8")
             manifest["files"] = {p.name: file_entry(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST}
             write_manifest(folder, manifest)
-            _flush_files(folder)
             sizes = {name: entry["bytes"] for name, entry in manifest["files"].items()}
             sizes[MANIFEST] = (folder / MANIFEST).stat().st_size
     except OSError as error:

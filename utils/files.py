@@ -233,13 +233,26 @@ def swap_into_place(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
+def _sync_files(folder: Path) -> None:
+    """fsync every file under folder, so that a swap commits written bytes, not cached ones."""
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            fd = os.open(os.path.join(parent, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 @contextlib.contextmanager
-def replacing_folder(out_dir: Path) -> Iterator[Path]:
+def replacing_folder(out_dir: Path, sync: bool = False) -> Iterator[Path]:
     """Yield a fresh sibling folder to fill; when the block succeeds it replaces out_dir atomically (swap_into_place),
-    when it fails it is deleted and out_dir is untouched."""
+    when it fails it is deleted and out_dir is untouched. sync: fsync every file written into it before the swap."""
     tmp = fresh_folder_beside(out_dir)
     try:
         yield tmp
+        if sync:
+            _sync_files(tmp)
         swap_into_place(tmp, out_dir)
     finally:
         if tmp.exists():
@@ -249,13 +262,10 @@ def replacing_folder(out_dir: Path) -> Iterator[Path]:
 def write_atomically(out_dir: Path, files: dict[str, bytes]) -> None:
     """Write `files` (relative name -> bytes) into a fresh sibling folder, then swap it in; on failure
     `out_dir` is untouched."""
-    with replacing_folder(out_dir) as tmp:
+    with replacing_folder(out_dir, sync=True) as tmp:
         for name, content in files.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp / name, "wb") as f:
-                f.write(content)
-                f.flush()
-                os.fsync(f.fileno())
+            (tmp / name).write_bytes(content)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
