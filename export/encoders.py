@@ -59,12 +59,6 @@ class Encoder(NamedTuple):
     example: torch.Tensor
 
 
-def feature_width(model: CFine) -> int:
-    """Width of the retrieval feature: n x D of CFine.feature_shape."""
-    count, width = model.feature_shape
-    return count * width
-
-
 def example_images(model: CFine, mean_std: str, batch: int, seed: int = 0) -> torch.Tensor:
     """A batch of random RGB pixels as the model takes them (to_model_input with the run's mean/std)."""
     height, width = model.config.clip.vision.image_size

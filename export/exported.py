@@ -24,7 +24,6 @@ from export.onnx_file import onnx_runner
 from models.text_encoders import text_encoder_class
 from models.tokenization import warn_if_truncated
 from utils.errors import CheckpointError
-from utils.files import sha256_file
 
 
 class ExportedEncoders:
@@ -36,27 +35,19 @@ class ExportedEncoders:
         if self.manifest["model_format"] != "onnx":
             raise CheckpointError(f"{self.folder} holds {self.manifest['model_format']} encoders; only an ONNX export "
                                   "runs here (onnxruntime): export with --format onnx, or use the checkpoint")
-        self.manifest_sha256 = sha256_file(self.folder / MANIFEST)
         image, text = self.manifest["image"], self.manifest["text"]
         self.image_size: tuple[int, int] = tuple(image["size"])
         self.mean_std: str = image["mean_std"]
-        self.mean, self.std = tuple(image.get("mean", ())), tuple(image.get("std", ()))
         self.feature_width: int = self.manifest["feature"]["width"]
-        self.text_encoder: str = text["encoder"]
         vocab = (self.folder / text["vocab_file"]).read_text(encoding="utf-8") if text.get("vocab_file") else None
         try:
-            self.tokenizer = text_encoder_class(self.text_encoder).tokenizer(self.manifest["config"], vocab)
+            self.tokenizer = text_encoder_class(text["encoder"]).tokenizer(self.manifest["config"], vocab)
         except (KeyError, ValueError) as error:
             raise CheckpointError(f"{self.folder}: its tokeniser cannot be built from {MANIFEST} ({error}); "
                                   f"{REEXPORT}") from None
         encoders = self.manifest["encoders"]
         self._image = onnx_runner(self.folder / encoders["image"]["file"], threads)
         self._text = onnx_runner(self.folder / encoders["text"]["file"], threads)
-
-    @property
-    def source_sha256(self) -> str:
-        """SHA256 of the checkpoint file the folder was exported from."""
-        return self.manifest["checkpoint"]["sha256"]
 
     @property
     def max_length(self) -> int:

@@ -58,6 +58,12 @@ class CFine(nn.Module):
         return self.config.num_features, self.config.width
 
     @property
+    def retrieval_width(self) -> int:
+        """Width of the retrieval feature (docs/method.md §7, retrieval_features' concat): n x D of feature_shape."""
+        count, width = self.feature_shape
+        return count * width
+
+    @property
     def text_module(self) -> nn.Module:
         """The module holding the text encoder's weights (for 'clip', CLIP's own module)."""
         return getattr(self, self.text_encoder.attribute)

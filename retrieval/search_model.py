@@ -38,8 +38,7 @@ class CheckpointEncoders:
         self.device, self.amp = device, resolve_amp(amp, device)
         self.mean_std = state.get("args", {}).get("mean_std", "clip")
         self.image_size = tuple(self.model.config.clip.vision.image_size)
-        count, width = self.model.feature_shape  # [global, lg1, lg2] (or [global] alone), each D wide
-        self.feature_width = count * width
+        self.feature_width = self.model.retrieval_width  # [global, lg1, lg2] (or [global] alone), each D wide
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
