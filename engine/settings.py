@@ -216,6 +216,7 @@ TRAIN_SETTINGS = (
 )
 TABLE = {s.name: s for s in TRAIN_SETTINGS}
 LOSS_WEIGHTS = tuple(s for s in TRAIN_SETTINGS if s.loss_weight)  # engine/model_setup.py gives them to CFineConfig
+ABLATION_SWITCHES = tuple(s.name for s in TRAIN_SETTINGS if s.group == _ABLATION)  # mgf, cfr, fcd
 # What a row of an ablation table sets (configs/ablations/; scripts/ablations.py keeps them the row's under --base).
 ABLATION_KEYS = tuple(s.name for s in TRAIN_SETTINGS if s.group in (_ABLATION, _LOSS))
 

@@ -88,8 +88,8 @@ def format_table(results: dict[str, dict[str, float]], single_feature: str | Non
     """A fixed-width table of R@1/5/10, mAP and mINP for each row of score_split's result.
 
     single_feature: the name of a model's one retrieval feature (zero-shot CLIP's pooled embedding, a --mgf off
-    CFine's BN(global)), whose 't2i' and
-    'i2t' rows are shown alone under that name (its '_global' rows hold the same numbers).
+    CFine's BN(global)), whose 't2i' and 'i2t' rows are shown alone under that name (its '_global' rows hold the
+    same numbers).
     """
     feature = single_feature or "global+lg1+lg2"
     names = {"t2i": f"text->image [{feature}]", "t2i_global": "text->image [global only]",

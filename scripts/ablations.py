@@ -30,7 +30,6 @@ from scripts.seeds import HEADERS, METRICS, check_seeds, mean_std, run_seed, sum
 from utils.errors import SettingError, run_main  # noqa: E402
 from utils.files import atomic_write, write_json  # noqa: E402
 
-SWITCHES = ("mgf", "cfr", "fcd")
 SHOWN_WEIGHTS = ("diversity_weight", "ranking_weight")  # the weights the rows of the paper's table change
 
 
@@ -108,12 +107,13 @@ def _cell(summary: dict, n: int) -> list[str]:
 
 def markdown_table(rows: list[dict], title: str) -> str:
     """One line per row: its name, switches and the weights the rows change, then mean ± std of each metric and n."""
-    columns = ["row", *SWITCHES, *(w.removesuffix("_weight") for w in SHOWN_WEIGHTS), *(HEADERS[k] for k in METRICS),
+    switches = train_settings.ABLATION_SWITCHES
+    columns = ["row", *switches, *(w.removesuffix("_weight") for w in SHOWN_WEIGHTS), *(HEADERS[k] for k in METRICS),
                "n"]
     lines = [title, "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for row in rows:
         described = row["settings"]
-        cells = [row["name"], *(described[s] for s in SWITCHES), *(f"{described[w]:g}" for w in SHOWN_WEIGHTS),
+        cells = [row["name"], *(described[s] for s in switches), *(f"{described[w]:g}" for w in SHOWN_WEIGHTS),
                  *_cell(row["summary"], len(row["per_seed"]))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
