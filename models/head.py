@@ -140,8 +140,8 @@ class CFineHead(nn.Module):
                             all_text.features, all_pids, functools.partial(self.similarity, all_image, all_text),
                             self.config)
         weights = self.config.loss_weights
-        off = image.features.new_zeros(())  # the part of a term its switch removed: a device zero, no host copy
-        return {name: term.term(inputs, weights[term.weight]) if term.needs(self.config) else off
+        # The part of a term its switch removed: a device zero (no host copy), made only for such a term.
+        return {name: term.term(inputs, weights[term.weight]) if term.needs(self.config) else image.features.new_zeros(())
                 for name, term in LOSS_TERMS.items()}
 
     def forward(self, image: TokenFeatures, text: TokenFeatures, pids: torch.Tensor | None = None) -> CFineOutput:
