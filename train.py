@@ -74,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
         if console:
             console.hold()  # until train.log starts below
         # Everything that can fail at the start, writing nothing: the folder's check, precision, seeds, data,
-        # model, optimiser, the resumed state, and (--tensorboard) the package its logs need.
+        # model, optimiser, the resumed state, and (--tensorboard) the package its logs need; then the start's files.
         try:
             claim_output_dir(settings, info)
             amp = resolve_amp(settings.amp, device)
@@ -97,6 +97,8 @@ def main(args: argparse.Namespace) -> int:
             step_model = compiled(distributed.wrap_ddp(model, device), settings.compile)
             if settings.tensorboard and info.is_main:
                 run_log.summary_writer_class()
+            if info.is_main:  # the start's files (--overwrite deletes now): all written, or nothing changed
+                start_output(output_dir, settings, model, data, info, device, amp, run.epoch)
         except BaseException:
             if made_folder:
                 with contextlib.suppress(OSError):
@@ -106,7 +108,6 @@ def main(args: argparse.Namespace) -> int:
 
         board = None
         if info.is_main:
-            start_output(output_dir, settings, model, data, info, device, amp, run.epoch)  # --overwrite deletes now
             console.start(output_dir / "train.log", append=bool(settings.resume) and not settings.overwrite)
             if settings.tensorboard:
                 steps_done = run.epoch * data.loader.sampler.batches_per_epoch + run.step_in_epoch

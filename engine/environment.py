@@ -77,14 +77,21 @@ def describe_environment() -> dict:
             "git": git_state(), "pip_freeze": list(freeze) if freeze is not None else None}
 
 
+def environment_records(previous: str | Path | None, **where) -> list[dict]:
+    """The JSON list at previous (none when None, missing or unreadable) plus this process's environment (and
+    `where`, e.g. the epoch it starts at): what environment.json holds, so that a run resumed on another machine
+    keeps both records."""
+    records = []
+    if previous is not None:
+        try:
+            records = json.loads(Path(previous).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            records = []
+    return (records if isinstance(records, list) else []) + [{**where, **describe_environment()}]
+
+
 def record_environment(path: str | Path, **where) -> list[dict]:
-    """Append this process's environment (plus `where`, e.g. the epoch it starts at) to the JSON list at path,
-    atomically; a run resumed on another machine thus keeps both records. Returns the list written."""
-    path = Path(path)
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        records = []
-    records = (records if isinstance(records, list) else []) + [{**where, **describe_environment()}]
+    """Append this process's environment (environment_records) to the JSON list at path, atomically; returns it."""
+    records = environment_records(path, **where)
     write_json(path, records)
     return records

@@ -11,14 +11,14 @@ from pathlib import Path
 
 from engine import settings as settings_table
 from engine.data import TrainData
-from engine.environment import record_environment
+from engine.environment import environment_records
 from models.cfine import CFine
 from models.checkpoint import save_checkpoint
 from utils.distributed import DistInfo
-from utils.errors import CheckpointError, SettingError
-from utils.files import atomic_link, atomic_write, check_writable_folder, folder_contents, remove_stale, write_json
+from utils.errors import CFineError, CheckpointError, SettingError
+from utils.files import atomic_link, atomic_write, check_writable_folder, folder_contents, json_writer, remove_stale, write_together
 
-# What --overwrite deletes (and tb/'s event files); train.log is started afresh.
+# What --overwrite deletes (delete_run_files, with tb/'s event files); train.log is started afresh.
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "environment.json", "held_out_ids.json")
 
 
@@ -48,18 +48,23 @@ def claim_output_dir(settings: argparse.Namespace, info: DistInfo) -> Path:
 
 
 def start_output(output_dir: Path, settings: argparse.Namespace, model: CFine, data: TrainData, info, device, amp: str, epoch: int) -> None:
-    """Rank 0, once the run has passed every check of its start: delete an overwritten run's files, write
-    config.json, environment.json (and the held-out ids), say what will run and which split selects best.pt."""
-    if settings.overwrite:
-        for name in RUN_FILES:
-            (output_dir / name).unlink(missing_ok=True)
-        for events in (output_dir / "tb").glob("events.out.tfevents.*"):
-            events.unlink()
-    write_json(output_dir / "config.json", {"args": settings_table.as_dict(settings), "model": model.config.to_dict()})
-    record_environment(output_dir / "environment.json", start_epoch=epoch, resumed_from=settings.resume)
+    """Rank 0, once the run has passed every check of its start: write config.json, environment.json (and the
+    held-out ids), deleting an overwritten run's files only once those are written, then say what will run and which
+    split selects best.pt. A full disk here is one line, with nothing in the folder changed (an overwritten run
+    included)."""
+    environment = environment_records(None if settings.overwrite else output_dir / "environment.json",
+                                      start_epoch=epoch, resumed_from=settings.resume)
+    files = {output_dir / "config.json": {"args": settings_table.as_dict(settings), "model": model.config.to_dict()},
+             output_dir / "environment.json": environment}
     if data.held_out_ids:
-        write_json(output_dir / "held_out_ids.json", {"dataset": settings.dataset, "seed": settings.seed,
-                                                       "held_out_ids": data.held_out_ids})
+        files[output_dir / "held_out_ids.json"] = {"dataset": settings.dataset, "seed": settings.seed,
+                                                   "held_out_ids": data.held_out_ids}
+    try:
+        write_together({path: json_writer(value) for path, value in files.items()},
+                       before_replacing=(lambda: delete_run_files(output_dir)) if settings.overwrite else None)
+    except OSError as error:
+        raise CFineError(f"{error.filename or output_dir}: could not be written ({error.strerror or error}); nothing "
+                         f"in {output_dir} was changed: free disk space, then run the same command again") from None
     print(f"{settings.dataset}: {len(data.loader.dataset)} training pairs, {data.loader.dataset.num_classes} ids, "
           f"{data.loader.sampler.batches_per_epoch} steps/epoch, global batch {settings.batch_size * info.world_size} "
           f"({settings.batch_size} per process x {info.world_size} process(es)); device {device}, amp {amp}; "
@@ -80,6 +85,14 @@ def start_output(output_dir: Path, settings: argparse.Namespace, model: CFine, d
         print(f"DDP over {info.world_size} processes ({'NCCL' if device.type == 'cuda' else 'Gloo'}): losses on "
               f"{'the global batch (--gather_features)' if settings.gather_features else 'each process batch'}, "
               f"BN statistics {'of the global batch (--sync_bn)' if settings.sync_bn else 'per process'}")
+
+
+def delete_run_files(output_dir: Path) -> None:
+    """What --overwrite deletes of an earlier run: RUN_FILES and tb/'s event files (train.log is started afresh)."""
+    for name in RUN_FILES:
+        (output_dir / name).unlink(missing_ok=True)
+    for events in (output_dir / "tb").glob("events.out.tfevents.*"):
+        events.unlink()
 
 
 def save_files(output_dir: Path, state: dict, *, best: bool = False, history: list[dict] | None = None) -> None:

@@ -241,6 +241,46 @@ def test_an_overwrite_whose_start_fails_keeps_the_old_run_intact(processed_root,
     assert files_under(out) == before
 
 
+def full_disk_writing(monkeypatch, name):
+    """The fsync of a temporary file for `name` (how utils/files writes it) fails as on a full disk."""
+    import errno
+    import tempfile
+
+    temporaries, real_mkstemp, real_fsync = {}, tempfile.mkstemp, os.fsync
+
+    def mkstemp(*args, **kwargs):
+        fd, path = real_mkstemp(*args, **kwargs)
+        temporaries[fd] = os.path.basename(path)
+        return fd, path
+
+    def fsync(fd):
+        if temporaries.get(fd, "").startswith(f".{name}."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr("utils.files.tempfile.mkstemp", mkstemp)
+    monkeypatch.setattr("utils.files.os.fsync", fsync)
+
+
+@pytest.mark.parametrize("name", ["config.json", "environment.json"])
+def test_a_full_disk_writing_the_start_files_is_one_line_and_changes_nothing(processed_root, straight, tmp_path,
+                                                                             monkeypatch, name):
+    full_disk_writing(monkeypatch, name)
+    named = rf"{re.escape(name)}: could not be written \(No space left on device\); nothing in .* was changed"
+    out = tmp_path / "new"
+    with pytest.raises(CFineError, match=named):
+        run_train(processed_root, out, "--epochs", "1")
+    assert not out.exists()  # no half-started run to block the retry
+    old = copy_run(straight, tmp_path)
+    before = files_under(old)
+    with pytest.raises(CFineError, match=named):  # the run --overwrite would replace is kept whole
+        run_train(processed_root, old, "--epochs", "1", "--overwrite")
+    assert files_under(old) == before
+    assert not [p.name for p in tmp_path.rglob("*.tmp")]
+    monkeypatch.undo()
+    assert run_train(processed_root, out, "--epochs", "1") == 0
+
+
 def test_a_folder_without_a_checkpoint_is_refused_without_pointing_at_a_missing_last_pt(tmp_path):
     out = tmp_path / "run"  # what a run that failed before its first checkpoint leaves
     out.mkdir()

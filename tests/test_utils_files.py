@@ -1,5 +1,6 @@
 """utils/files.py: what interrupted writes leave is found and removed (and nothing else), a folder swap that leaves
-the name complete at every instant, a hard link that replaces its target atomically, and the writable-folder check."""
+the name complete at every instant, files written together (all or none), a hard link that replaces its target
+atomically, and the writable-folder check."""
 import os
 import shutil
 import signal
@@ -41,6 +42,31 @@ def test_stale_folders_of_one_destination_are_removed_and_other_names_kept(tmp_p
     (tmp_path / stale[2]).write_text("half a file")
     assert files.remove_stale(tmp_path, of="CUHK-PEDES") == sorted(stale)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(other)
+
+
+def test_files_written_together_replace_all_or_none(tmp_path):
+    first, second, planted_target = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "elsewhere"
+    first.write_bytes(b"old a")
+    planted_target.write_bytes(b"not mine")
+    second.symlink_to(planted_target)
+    calls = []
+
+    def failing(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match=r"No space left on device: '.*b\.json'"):
+        files.write_together({first: lambda f: f.write(b"new a"), second: failing}, lambda: calls.append("deleted"))
+    assert first.read_bytes() == b"old a" and second.is_symlink() and calls == []  # nothing replaced, nothing deleted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "elsewhere"]  # no temporary file left
+
+    def replaced_yet():
+        calls.append(first.read_bytes())
+
+    files.write_together({first: lambda f: f.write(b"new a"), second: files.json_writer({"b": 1})}, replaced_yet)
+    assert calls == [b"old a"]  # before_replacing ran once every file was written, before any rename
+    assert first.read_bytes() == b"new a" and not second.is_symlink() and second.read_text() == '{\n  "b": 1\n}\n'
+    assert planted_target.read_bytes() == b"not mine"
 
 
 def test_atomic_link_names_the_same_file_and_replaces_a_planted_link(tmp_path):

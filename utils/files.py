@@ -29,13 +29,8 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
-    """Call write(file_object) on a new temporary file beside path, fsync it, then rename it over path.
-
-    The rename replaces whatever is at path, a symbolic link included (the link's target is never written).
-    On any failure (out of disk, interrupt) the temporary file is removed and path keeps its old content.
-    """
-    path = Path(path)
+def _written_temporary(path: Path, write: Callable[[BinaryIO], Any]) -> str:
+    """A new temporary file beside path holding what write(file_object) wrote, fsynced; removed again on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -44,11 +39,48 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; the result should look like any other file
-        os.replace(tmp, path)
     except BaseException:
         if os.path.lexists(tmp):
             os.remove(tmp)
         raise
+    return tmp
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Call write(file_object) on a new temporary file beside path, fsync it, then rename it over path.
+
+    The rename replaces whatever is at path, a symbolic link included (the link's target is never written).
+    On any failure (out of disk, interrupt) the temporary file is removed and path keeps its old content.
+    """
+    write_together({path: write})
+
+
+def write_together(files: dict[str | os.PathLike, Callable[[BinaryIO], Any]],
+                   before_replacing: Callable[[], Any] | None = None) -> None:
+    """Write several files as one step: each path's writer fills a temporary file beside it (fsynced); only once
+    every one is written, before_replacing() runs (for example: delete the files they supersede) and each is renamed
+    over its path, replacing a planted link rather than writing through it.
+
+    A failure while writing (a full disk, an interrupt) removes the temporary files and changes nothing else: no
+    path is replaced and before_replacing never runs. Its OSError names the path whose file failed.
+    """
+    written: list[tuple[str, Path]] = []
+    try:
+        for path, write in files.items():
+            try:
+                written.append((_written_temporary(Path(path), write), Path(path)))
+            except OSError as error:
+                if not error.filename:
+                    error.filename = str(path)
+                raise
+        if before_replacing is not None:
+            before_replacing()
+        for tmp, path in written:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in written:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
 
 
 def atomic_link(source: str | os.PathLike, target: str | os.PathLike) -> None:
@@ -63,9 +95,14 @@ def atomic_link(source: str | os.PathLike, target: str | os.PathLike) -> None:
     os.replace(temporary, target)
 
 
+def json_writer(data: Any) -> Callable[[BinaryIO], Any]:
+    """A writer for atomic_write or write_together: data as indented UTF-8 JSON."""
+    return lambda f: f.write((json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write JSON atomically (indented, UTF-8)."""
-    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode("utf-8")))
+    atomic_write(path, json_writer(data))
 
 
 def is_stale_temp(name: str) -> bool:
