@@ -71,17 +71,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     ARGS = get_args_parser().parse_args()
 
-import torch
 
 from retrieval.build_index import update_index
 from retrieval.server import serve
 from retrieval.text_search import hits_json, hits_table, load_text_search, write_pages
+from utils.distributed import checked_device
 from utils.errors import SettingError, run_main
 
 
 def build_index(args: argparse.Namespace) -> int:
     """`index`: encode what is new or changed under --images, reuse the rest, write --out atomically."""
-    print(update_index(args.checkpoint, args.images, args.out, torch.device(args.device), args.amp, args.batch_size,
+    print(update_index(args.checkpoint, args.images, args.out, args.device, args.amp, args.batch_size,
                        args.workers, progress=not args.no_progress).summary())
     return 0
 
@@ -90,7 +90,7 @@ def query_index(args: argparse.Namespace) -> int:
     """`query`: the top-k images of every sentence, as a table or JSON lines, optionally as PNG pages."""
     if any(not s.strip() for s in args.sentences):
         raise SettingError("query: a SENTENCE is empty; describe the person to find")
-    search = load_text_search(args.index, torch.device(args.device), args.checkpoint, args.threads)
+    search = load_text_search(args.index, args.device, args.checkpoint, args.threads)
     results = search.search(args.sentences, args.top_k)
     root, total = search.index.image_root, len(search.index.images)
     for sentence, hits in zip(args.sentences, results):
@@ -103,12 +103,12 @@ def query_index(args: argparse.Namespace) -> int:
 
 def serve_index(args: argparse.Namespace) -> int:
     """`serve`: the search page on host:port until Ctrl-C."""
-    serve(load_text_search(args.index, torch.device(args.device), args.checkpoint, args.threads), args.host, args.port)
+    serve(load_text_search(args.index, args.device, args.checkpoint, args.threads), args.host, args.port)
     return 0
 
 
 def main(args: argparse.Namespace) -> int:
-    args.device = args.device or default_device()  # decided after parsing: --help needs no torch
+    args.device = checked_device(args.device or default_device())  # after parsing: --help needs no torch
     return {"index": build_index, "query": query_index, "serve": serve_index}[args.command](args)
 
 

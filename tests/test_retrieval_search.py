@@ -646,3 +646,15 @@ def test_bad_flags_are_one_line_argparse_errors(argv, error, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert stop.value.code == 2 and error in lines[-1] and lines[-1].count("error:") == 1
     assert not any("Traceback" in line for line in lines) and lines[0].startswith("usage:")
+
+
+@pytest.mark.parametrize("command", [["index", "--checkpoint", "ck.pt", "--images", "photos", "--out", "idx"],
+                                     ["query", "--index", "idx", "someone"], ["serve", "--index", "idx"]])
+def test_a_gpu_this_machine_lacks_is_one_line_for_every_command(command, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only machine, with or without a GPU
+    monkeypatch.chdir(tmp_path)
+    args = search.get_args_parser().parse_args([*command, "--device", "cuda:0"])
+    assert run_main(search.main, args) == 1
+    captured = capsys.readouterr()
+    assert captured.err == "--device cuda:0 was requested but no CUDA GPU is visible; use --device cpu\n"
+    assert not list(tmp_path.iterdir())  # refused before anything was read or written

@@ -33,15 +33,25 @@ class DistInfo:
         return self.rank == 0
 
 
+def checked_device(device: str | torch.device) -> torch.device:
+    """--device as a torch.device, refused in one line (SettingError) where this machine has no such device."""
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SettingError(f"--device {device} was requested but no CUDA GPU is visible; use --device cpu")
+        if torch_device.index is not None and torch_device.index >= torch.cuda.device_count():
+            raise SettingError(f"--device {device}: this machine has {torch.cuda.device_count()} visible GPU(s), "
+                               f"numbered from 0; use --device cuda:0 ... cuda:{torch.cuda.device_count() - 1}")
+    return torch_device
+
+
 def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
     """Join torchrun's process group if WORLD_SIZE > 1 (NCCL on CUDA, Gloo on CPU) and pick this rank's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")),
                     int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    torch_device = torch.device(device)
+    torch_device = checked_device(device)
     if torch_device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SettingError("--device cuda was requested but no CUDA GPU is visible; use --device cpu")
         if info.enabled and info.local_world_size > torch.cuda.device_count():
             raise SettingError(f"torchrun started {info.local_world_size} processes on this node but it has "
                              f"{torch.cuda.device_count()} visible GPU(s): use --nproc_per_node "
