@@ -96,6 +96,21 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
         ) from error
 
 
+def _what_else(path: str | os.PathLike) -> str:
+    """What to use instead of a damaged checkpoint: the run's other one, unless it is the same file (best.pt is a
+    hard link to last.pt when the last epoch was the best), which is then damaged too."""
+    path = Path(path)
+    other = path.with_name({"last.pt": "best.pt", "best.pt": "last.pt"}.get(path.name, "last.pt"))
+    try:
+        same = other != path and os.path.samefile(path, other)
+    except OSError:  # no such file, or path itself unreadable
+        return f"Use {other} if it is intact, or retrain" if other.is_file() else "Retrain, or restore a copy"
+    if same:
+        return (f"{other.name} is the same file here (a hard link: that epoch was the best so far), damaged too: "
+                "restore a copy made before the damage, or retrain")
+    return f"Use {other} (this run's other checkpoint) if it is intact, or retrain"
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a CFine training checkpoint with torch.load(weights_only=True), with errors naming the file."""
     path = Path(path)
@@ -105,8 +120,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # damaged archives raise many different types
         raise CheckpointError(
-            f"{path}: cannot be read ({type(error).__name__}); the file is truncated or corrupt. "
-            "Use the other checkpoint in the same folder (last.pt / best.pt) or retrain"
+            f"{path}: cannot be read ({type(error).__name__}); the file is truncated or corrupt. {_what_else(path)}"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(
@@ -128,7 +142,7 @@ def verify_content(state: dict[str, Any], path: str | os.PathLike) -> None:
     if state[DIGEST_KEY] != content_digest(content):
         raise CheckpointError(
             f"{path}: its content does not match the checksum written with it (it changed after saving: a disk, copy "
-            "or transfer error, or an edit). Use the other checkpoint in the same folder (last.pt / best.pt) or retrain"
+            f"or transfer error, or an edit). {_what_else(path)}"
         )
 
 

@@ -1,6 +1,7 @@
 """models/checkpoint.py: atomic writes that survive a full disk, a checksum that catches content changed after
 saving, and clear errors for unusable files."""
 import errno
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from models import checkpoint as ckpt
 from models.cfine import CFine
 from models.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from models.config import CFineConfig
+from utils.files import atomic_link
 
 
 def test_roundtrip_with_weights_only(tmp_path):
@@ -109,12 +111,28 @@ def test_a_checkpoint_whose_weights_changed_after_saving_is_refused_naming_the_f
     path = tmp_path / "run" / "last.pt"
     save_checkpoint({"model": model.state_dict(), "config": model.config.to_dict()}, path)
     load_model(path)  # verified and loaded
+    shutil.copyfile(path, path.with_name("best.pt"))  # an earlier best epoch: another file
     change_a_weight(path)
     for load in (load_checkpoint, load_model):
         with pytest.raises(CheckpointError, match=r"last\.pt: its content does not match the checksum written with "
-                                                  r"it .*Use the other checkpoint in the same folder \(last\.pt / "
-                                                  r"best\.pt\) or retrain"):
+                                                  r"it .*Use .*best\.pt \(this run's other checkpoint\) if it is "
+                                                  r"intact, or retrain"):
             load(path)
+    load_model(path.with_name("best.pt"))  # the advice holds: the other file is intact
+
+
+def test_a_damaged_checkpoint_whose_other_name_is_the_same_file_says_so(tmp_path):
+    path = tmp_path / "run" / "last.pt"
+    save_checkpoint({"model": {"w": torch.arange(4.0)}}, path)
+    atomic_link(path, path.with_name("best.pt"))  # what train.py leaves when the last epoch was the best
+    change_a_weight(path)
+    for name, other in (("best.pt", "last.pt"), ("last.pt", "best.pt")):
+        with pytest.raises(CheckpointError, match=rf"{name}: its content does not match .* {other} is the same file "
+                                                  r"here \(a hard link.*damaged too: restore a copy .*or retrain"):
+            load_checkpoint(path.with_name(name))
+    path.with_name("best.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"last\.pt: its content .*\. Retrain, or restore a copy$"):
+        load_checkpoint(path)
 
 
 def test_the_checksum_covers_the_settings_and_history_too(tmp_path):
