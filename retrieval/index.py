@@ -148,6 +148,8 @@ def _checked_manifest(manifest) -> tuple[dict, list[ImageFile]]:
                 os.fsencode(row[0])
             except UnicodeEncodeError:
                 raise _Damaged(f"images[{i}]'s path {_brief(row[0])} cannot be a file name") from None
+        if not row[0] or row[0][0] == "/" or "\0" in row[0] or ".." in row[0] and ".." in row[0].split("/"):
+            raise _Damaged(f"images[{i}]'s path {_brief(row[0])} is not a path inside the image folder")
         images.append(ImageFile(*row))
     paths = {image.path for image in images}
     _require(len(paths) == len(images), "an image path is listed twice")
@@ -178,6 +180,15 @@ def _open_features(path: Path) -> tuple[np.ndarray, str]:
                 raise ValueError(f"{path.name}: data after an empty array")
             return np.empty(shape, dtype), digest.hexdigest()
         return np.memmap(f, dtype=dtype, mode="c", offset=f.tell(), shape=shape), digest.hexdigest()
+
+
+def _first_non_finite_row(features: np.ndarray, block: int = 1 << 16) -> int | None:
+    """The first row holding a NaN or an infinity, or None; read in blocks of rows (bounded memory)."""
+    for start in range(0, len(features), block):
+        finite = np.isfinite(features[start:start + block]).all(axis=1)
+        if not finite.all():
+            return start + int(np.argmin(finite))
+    return None
 
 
 def read_index(location: str | os.PathLike, legacy: bool = False) -> SearchIndex:
@@ -218,6 +229,10 @@ def read_index(location: str | os.PathLike, legacy: bool = False) -> SearchIndex
     if manifest["format"] == FORMAT and digest != manifest["features_sha256"]:
         raise SearchIndexError(f"{features_path} does not match the SHA256 recorded in {manifest_path} (it was changed "
                                f"or damaged after it was written): delete {location} and {REBUILD}")
+    bad_row = _first_non_finite_row(features)
+    if bad_row is not None:  # never written so (write_index refuses them): edited, checksum included
+        raise SearchIndexError(f"{features_path}: row {bad_row} ({images[bad_row].path}) holds NaN or infinite values, "
+                               f"which `index` never writes: delete {location} and {REBUILD}")
     return SearchIndex(location, Path(manifest["image_root"]), dict(manifest["checkpoint"]), images, features)
 
 

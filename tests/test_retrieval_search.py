@@ -501,6 +501,11 @@ MANIFEST_DAMAGE = {
     "a size that is a bool": _set("images", 0, 1, True),
     "an mtime that is a float": _set("images", 0, 2, 1.5),
     "a path twice": _edit(lambda m: m["images"].__setitem__(1, m["images"][0])),
+    "a path leading out": _set("images", 0, 0, "../outside.png"),
+    "a path leading out midway": _set("images", 0, 0, "a/../../outside.png"),
+    "an absolute path": _set("images", 0, 0, "/etc/passwd"),
+    "an empty path": _set("images", 0, 0, ""),
+    "a path with a NUL byte": _set("images", 0, 0, "a\0.png"),
     "count differs": _set("count", 5),
     "dim not a number": _set("dim", "six"),
     "dim differs": _set("dim", 7),
@@ -529,6 +534,14 @@ def test_a_damaged_manifest_is_a_one_line_error_naming_the_index(tmp_path, damag
         assert str(index) in message and "rebuild" in message and "\n" not in message, message
 
 
+def test_names_with_two_dots_inside_are_paths_inside_the_folder(tmp_path):
+    index, _, _ = small_index(tmp_path)
+    manifest = json.loads((index / "manifest.json").read_text())
+    manifest["images"][0][0] = "v1..2/photo..jpg"
+    (index / "manifest.json").write_text(json.dumps(manifest))
+    assert read_index(index).images[0].path == "v1..2/photo..jpg"
+
+
 def _damage_features(edit):
     def damage(path: Path):
         data = bytearray(path.read_bytes())
@@ -542,9 +555,17 @@ def _put_value(value):
                                                                  np.array([value], "<f2").tobytes()))
 
 
+def _record_checksum(features: Path) -> None:
+    """Write the features' present SHA256 into the manifest, as a hand edit covering its tracks would."""
+    manifest = json.loads((features.parent / "manifest.json").read_text())
+    manifest["features_sha256"] = sha256_file(features)
+    (features.parent / "manifest.json").write_text(json.dumps(manifest))
+
+
 FEATURES_DAMAGE = {
     "a NaN": _put_value(np.nan),
     "an infinity": _put_value(-np.inf),
+    "a NaN, its checksum updated too": lambda path: (_put_value(np.nan)(path), _record_checksum(path)),
     "a flipped bit": _damage_features(lambda data, start: data.__setitem__(start + 5, data[start + 5] ^ 1)),
     "truncated": lambda path: path.write_bytes(path.read_bytes()[:-7]),
     "empty": lambda path: path.write_bytes(b""),
@@ -555,6 +576,7 @@ FEATURES_DAMAGE = {
 
 @pytest.mark.parametrize("damage", FEATURES_DAMAGE.values(), ids=FEATURES_DAMAGE.keys())
 def test_damaged_features_are_a_one_line_error_naming_the_file(tmp_path, damage):
+    """Also a NaN whose checksum was updated by hand: finite rows are checked on every open, not only the SHA256."""
     index, photos, _ = small_index(tmp_path)
     features = index / json.loads((index / "manifest.json").read_text())["features"]
     damage(features)
