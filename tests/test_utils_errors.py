@@ -1,9 +1,23 @@
 """utils/errors.py: a user-facing error becomes its one line on stderr and exit status 1 (run_main, and
-distributed.run on one process); anything else is a bug and keeps its traceback."""
+distributed.run on one process); anything else is a bug and keeps its traceback; a closed output pipe ends
+quietly."""
+import subprocess
+import sys
+
 import pytest
 
+from tests.conftest import REPO
 from utils import distributed
-from utils.errors import BertFolderError, CFineError, CheckpointError, DataError, SearchIndexError, SettingError, run_main
+from utils.errors import (
+    BROKEN_PIPE_STATUS,
+    BertFolderError,
+    CFineError,
+    CheckpointError,
+    DataError,
+    SearchIndexError,
+    SettingError,
+    run_main,
+)
 
 
 @pytest.mark.parametrize("kind", [SettingError, DataError, CheckpointError, BertFolderError, SearchIndexError])
@@ -32,3 +46,19 @@ def test_the_kinds_stay_what_callers_catch_them_as():
     # are RuntimeErrors, as the exceptions they replace were.
     assert issubclass(SettingError, ValueError)
     assert all(issubclass(kind, RuntimeError) for kind in (CheckpointError, BertFolderError, SearchIndexError))
+
+
+def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly():
+    """`search.py query ... | head`: the writer gets BrokenPipeError; no traceback, no 'Exception ignored', status 141."""
+    program = ("import sys; from utils.errors import run_main\n"
+               "def main(args):\n"
+               "    for i in range(10 ** 6):\n"
+               "        print(f'{i:08d} a line of ranked results')\n"
+               "    return 0\n"
+               "sys.exit(run_main(main, None))\n")
+    child = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             cwd=REPO)
+    assert child.stdout.read(100).startswith(b"00000000 a line")
+    child.stdout.close()  # as head does after its lines
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=60) == BROKEN_PIPE_STATUS == 141 and stderr == "", stderr
