@@ -566,6 +566,7 @@ FEATURES_DAMAGE = {
     "a NaN": _put_value(np.nan),
     "an infinity": _put_value(-np.inf),
     "a NaN, its checksum updated too": lambda path: (_put_value(np.nan)(path), _record_checksum(path)),
+    "an infinity, its checksum updated too": lambda path: (_put_value(np.inf)(path), _record_checksum(path)),
     "a flipped bit": _damage_features(lambda data, start: data.__setitem__(start + 5, data[start + 5] ^ 1)),
     "truncated": lambda path: path.write_bytes(path.read_bytes()[:-7]),
     "empty": lambda path: path.write_bytes(b""),
@@ -585,6 +586,18 @@ def test_damaged_features_are_a_one_line_error_naming_the_file(tmp_path, damage)
             read()
         message = str(caught.value)
         assert str(index) in message and "rebuild" in message and "\n" not in message, message
+
+
+def test_non_finite_rows_are_found_on_either_side_of_a_block_boundary():
+    features = np.zeros((3 * 4096 + 5, 7), np.float16)
+    features[100, 1], features[200, 2] = 65504, -6e-8  # the largest and the smallest float16: finite
+    assert search_index._first_non_finite_row(features) is None
+    assert search_index._first_non_finite_row(features[:0]) is None
+    for row, value in ((0, np.nan), (4095, np.inf), (4096, -np.inf), (3 * 4096 + 4, np.nan)):
+        damaged = features.copy()
+        damaged[row, 6] = value
+        damaged[-1, 0] = np.nan  # a later one too: the first is named
+        assert search_index._first_non_finite_row(damaged) == row
 
 
 def test_the_features_checksum_is_recorded_and_a_mismatch_names_the_file(tiny_checkpoint, test_split_photos, tmp_path,
