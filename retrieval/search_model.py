@@ -40,6 +40,11 @@ class CheckpointEncoders:
         self.image_size = tuple(self.model.config.clip.vision.image_size)
         self.feature_width = self.model.retrieval_width  # [global, lg1, lg2] (or [global] alone), each D wide
 
+    @property
+    def caption_tokenizer(self):
+        """The model's caption tokeniser (token_counts, max_length)."""
+        return self.model.tokenizer
+
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 images (B, 3, H, W) -> retrieval features (B, width) float32 on the device."""
@@ -77,6 +82,11 @@ class SearchModel:
     def encode_captions(self, captions: Sequence[str], warn_truncated: bool = False) -> torch.Tensor:
         """Captions -> retrieval features (N, width) float32."""
         return torch.as_tensor(self.encoders.encode_captions(list(captions), warn_truncated=warn_truncated)).float()
+
+    def truncated(self, captions: Sequence[str]) -> list[bool]:
+        """Per caption: whether it is longer than the text encoder reads (encode_captions cuts it to that)."""
+        tokenizer = self.encoders.caption_tokenizer
+        return [count > tokenizer.max_length for count in tokenizer.token_counts(list(captions))]
 
 
 def _refuse_plain_folder(path: Path) -> None:

@@ -13,7 +13,8 @@ What a client can hold (HTTP/1.0: one request per connection):
   per write;
 - at most MAX_HANDLERS connections are handled at once, each on its own thread; a connection beyond that is answered
   at once with 503 and Retry-After from the accepting thread and closed, so no client creates threads without bound.
-Searches run one at a time (one model, bounded memory); pages and images are served in parallel.
+Searches are handed to one worker that runs those arriving together as one batch (retrieval/batching.py: one
+model, bounded memory); pages and images are served in parallel.
 """
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ import socket
 import threading
 import time
 import traceback
-import warnings
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote_to_bytes, urlsplit
 
+from retrieval.batching import BatchedSearch
 from retrieval.image_folder import shown_name
 from retrieval.page import DEFAULT_K, IMAGE_ROUTE, MAX_K, MAX_QUERY_CHARS, render_page
 from retrieval.text_search import TextSearch
@@ -87,7 +88,7 @@ def _shown(path) -> str:
 
 
 class SearchServer(ThreadingHTTPServer):
-    """Holds the search; requests run in threads (at most max_handlers at once), searches one at a time."""
+    """Holds the search; requests run in threads (at most max_handlers at once), searches in batches."""
 
     daemon_threads = True
     request_queue_size = BACKLOG  # socketserver's listen() backlog (its default is 5)
@@ -97,7 +98,7 @@ class SearchServer(ThreadingHTTPServer):
         self.request_timeout, self.max_handlers = request_timeout, max_handlers
         self.handler_slots = threading.BoundedSemaphore(max_handlers)
         super().__init__(address, SearchHandler)
-        self.search, self.lock = search, threading.Lock()
+        self.search, self.batched = search, BatchedSearch(search)
         index = search.index
         self.about = (f"{len(index.images)} images in {_shown(index.image_root)} · "
                       f"checkpoint {_shown(index.checkpoint['path'])}")
@@ -218,12 +219,8 @@ class SearchHandler(BaseHTTPRequestHandler):
         if query is None:
             self._send_html(HTTPStatus.OK, render_page(self.server.about, k=k))
             return
-        with self.server.lock, warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            hits = self.server.search.search([query], k)[0]
-        note = ""
-        if any("truncated" in str(warning.message) for warning in caught):  # model.tokenize's warning
-            note = "The description is longer than the text encoder reads; only its beginning was used."
+        hits, truncated = self.server.batched.search(query, k)
+        note = "The description is longer than the text encoder reads; only its beginning was used." if truncated else ""
         self._send_html(HTTPStatus.OK, render_page(self.server.about, query, k, hits, message=note))
 
     def _image(self, relative: str) -> None:

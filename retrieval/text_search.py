@@ -41,14 +41,15 @@ class TextSearch:
         self.gallery = torch.from_numpy(index.features).to(device) if device.type != "cpu" else index.features
 
     @torch.no_grad()
-    def search(self, captions: list[str], k: int, batch_size: int = 128) -> list[list[Hit]]:
-        """Top-k images per caption, best first (ties: lower index first, as test.py's metrics), batch by batch."""
+    def search(self, captions: list[str], k: int, batch_size: int = 128, warn_truncated: bool = True) -> list[list[Hit]]:
+        """Top-k images per caption, best first (ties: lower index first, as test.py's metrics), batch by batch;
+        over-long captions are truncated, with a warning unless warn_truncated is False."""
         if not self.index.images:
             raise SearchIndexError(f"{self.index.location} holds no images: run `search.py index` on a folder "
                                    "with readable images")
         results = []
         for start in range(0, len(captions), batch_size):
-            queries = self.model.encode_captions(captions[start:start + batch_size], warn_truncated=True).to(self.device)
+            queries = self.model.encode_captions(captions[start:start + batch_size], warn_truncated).to(self.device)
             best = top_k(queries, self.gallery, k, cpu_threads=self.cpu_threads)
             results += [[Hit(rank + 1, score, self.index.images[i].path) for rank, (score, i) in enumerate(zip(s, rows))]
                         for s, rows in zip(best.scores.tolist(), best.indices.tolist())]

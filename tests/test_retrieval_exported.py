@@ -69,6 +69,13 @@ def test_the_onnx_folder_builds_no_cfine_and_gives_the_checkpoints_top10(tiny_ch
     assert sum(ours == theirs for ours, theirs in zip(found, expected)) >= 20
 
 
+def test_the_onnx_folder_tells_truncated_captions_as_the_checkpoint_does(tiny_checkpoint, onnx_folder):
+    captions = ["a man in a red coat", "a woman with a black backpack " * 20, "word " * 75, "word " * 76]
+    from_checkpoint = search_model.load_search_model(tiny_checkpoint, torch.device("cpu")).truncated(captions)
+    assert search_model.load_search_model(onnx_folder, torch.device("cpu")).truncated(captions) == from_checkpoint
+    assert from_checkpoint == [False, True, False, True]  # 75 words + start and end: 77 tokens; 76 words: 78
+
+
 def test_an_index_records_the_export_and_takes_only_the_same_weights(tiny_checkpoint, onnx_folder, test_split_photos,
                                                                      tmp_path, tmp_path_factory, capsys):
     index = tmp_path / "index"

@@ -387,7 +387,7 @@ def test_the_server_under_load(server):
         others.remove(value)
     print(f"\nload: {len(latencies)} requests, {LOAD_CONNECTIONS} connections, {len(latencies) / wall:.0f} requests/s, "
           f"p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max {worst * 1000:.1f} ms, {len(errors)} errors, "
-          f"load average {os.getloadavg()[0]:.2f}; searches (one at a time) p50/p99/max "
+          f"load average {os.getloadavg()[0]:.2f}; searches (batched) p50/p99/max "
           + "/".join(f"{v * 1000:.0f}" for v in figures(searches)) + " ms, the rest "
           + "/".join(f"{v * 1000:.0f}" for v in figures(others)) + " ms")
     assert len(latencies) == LOAD_REQUESTS and not errors, errors[:10]
