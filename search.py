@@ -71,7 +71,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     ARGS = get_args_parser().parse_args()
 
-
 from retrieval.build_index import update_index
 from retrieval.server import serve
 from retrieval.text_search import hits_json, hits_table, load_text_search, write_pages

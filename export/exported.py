@@ -50,11 +50,6 @@ class ExportedEncoders:
         self._text = onnx_runner(self.folder / encoders["text"]["file"], threads)
 
     @property
-    def caption_tokenizer(self):
-        """The model's caption tokeniser (token_counts, max_length), as search uses it."""
-        return self.tokenizer
-
-    @property
     def max_length(self) -> int:
         """Token ids per caption (77 CLIP, 100 BERT)."""
         return self.tokenizer.max_length

@@ -41,8 +41,8 @@ class CheckpointEncoders:
         self.feature_width = self.model.retrieval_width  # [global, lg1, lg2] (or [global] alone), each D wide
 
     @property
-    def caption_tokenizer(self):
-        """The model's caption tokeniser (token_counts, max_length)."""
+    def tokenizer(self):
+        """The model's caption tokeniser (token_counts, max_length), named as ExportedEncoders names its own."""
         return self.model.tokenizer
 
     @torch.no_grad()
@@ -85,7 +85,7 @@ class SearchModel:
 
     def truncated(self, captions: Sequence[str]) -> list[bool]:
         """Per caption: whether it is longer than the text encoder reads (encode_captions cuts it to that)."""
-        tokenizer = self.encoders.caption_tokenizer
+        tokenizer = self.encoders.tokenizer
         return [count > tokenizer.max_length for count in tokenizer.token_counts(list(captions))]
 
 
